@@ -128,6 +128,13 @@ impl Config {
     }
 }
 
+/// This host's name, lower-cased as Kubernetes node names are.
+pub fn local_node_name() -> Result<String> {
+    sysinfo::System::host_name()
+        .map(|h| h.to_lowercase())
+        .map_err(|e| Error::Config(format!("no --node-name and no host name: {e}")))
+}
+
 /// Node names end up in URLs and metric labels: keep them to the DNS subdomain
 /// alphabet Kubernetes uses (upper case allowed for plain host names).
 fn validate_node_name(name: &str) -> Result<()> {
