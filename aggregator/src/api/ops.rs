@@ -1,0 +1,53 @@
+//! Health, readiness, metrics and the server presets.
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::{AppState, Caller, ErrorBody};
+use crate::config::Preset;
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(metrics))
+        .routes(routes!(presets))
+}
+
+/// The process is alive.
+#[utoipa::path(get, path = "/healthz", tag = "ops", responses((status = 200, body = String)))]
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// Ready to serve allocations: the ledger has been rebuilt from existing servers.
+#[utoipa::path(get, path = "/readyz", tag = "ops",
+    responses((status = 200, body = String), (status = 503, body = String)))]
+async fn readyz(State(s): State<AppState>) -> Response {
+    if s.ledger.is_ready() {
+        "ok".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "ledger not rebuilt yet").into_response()
+    }
+}
+
+/// Prometheus metrics (OpenMetrics text).
+#[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, body = String)))]
+async fn metrics(State(s): State<AppState>) -> Response {
+    let body = s.metrics.render(&s.inventory, &s.ledger, crate::now_ms());
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response()
+}
+
+/// Server sizes users can pick.
+#[utoipa::path(get, path = "/api/v1/presets", tag = "servers",
+    responses((status = 200, body = BTreeMap<String, Preset>), (status = 401, body = ErrorBody)),
+    security(("bearer" = []), ("cookie" = [])))]
+async fn presets(State(s): State<AppState>, _caller: Caller) -> Json<BTreeMap<String, Preset>> {
+    Json(s.settings.presets.clone())
+}

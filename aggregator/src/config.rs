@@ -1,0 +1,212 @@
+//! Command line, environment and the settings file.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::{Error, Result};
+
+/// kcloud aggregator: cluster GPU inventory, allocation ledger, users, REST API.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "kcloud-aggregator", version)]
+pub struct Config {
+    /// Address for the API, the portal and /metrics.
+    #[arg(long, env = "KCLOUD_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// Directory for the database, the signing key and the generated agent token.
+    #[arg(long, env = "KCLOUD_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// Settings file (TOML): presets, default quotas.
+    #[arg(long, env = "KCLOUD_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Where servers run.
+    #[arg(long, env = "KCLOUD_PROVISIONER", value_enum, default_value = "local")]
+    pub provisioner: ProvisionerKind,
+
+    /// Run an agent in-process with this simulated GPU set (local shape, no GPUs):
+    /// `dgx-a100-mig` or `dgx-h100`.
+    #[arg(long, env = "KCLOUD_SIMULATE")]
+    pub simulate: Option<String>,
+
+    /// File with the token agents present on `PUT /api/v1/nodes/{node}/inventory`
+    /// (default: `<data-dir>/agent.token`, generated when absent).
+    #[arg(long, env = "KCLOUD_AGENT_TOKEN_FILE")]
+    pub agent_token_file: Option<PathBuf>,
+
+    /// File with the JWT signing key, at least 32 bytes (default:
+    /// `<data-dir>/signing.key`, generated when absent).
+    #[arg(long, env = "KCLOUD_SIGNING_KEY_FILE")]
+    pub signing_key_file: Option<PathBuf>,
+
+    /// Lifetime of access tokens.
+    #[arg(long, env = "KCLOUD_ACCESS_TTL", default_value = "15m", value_parser = parse_duration)]
+    pub access_ttl: Duration,
+
+    /// Lifetime of refresh tokens.
+    #[arg(long, env = "KCLOUD_REFRESH_TTL", default_value = "7d", value_parser = parse_duration)]
+    pub refresh_ttl: Duration,
+
+    /// The agents' heartbeat; a node is stale after three missed ones.
+    #[arg(long, env = "KCLOUD_AGENT_HEARTBEAT", default_value = "10s", value_parser = parse_duration)]
+    pub agent_heartbeat: Duration,
+
+    /// Send cookies without the `Secure` attribute (plain-HTTP set-ups other than
+    /// localhost). Browsers already accept Secure cookies on http://localhost.
+    #[arg(long, env = "KCLOUD_INSECURE_COOKIES")]
+    pub insecure_cookies: bool,
+
+    /// First admin's user name, created at start when it does not exist.
+    #[arg(long, env = "KCLOUD_BOOTSTRAP_ADMIN_USER")]
+    pub bootstrap_admin_user: Option<String>,
+
+    /// First admin's password (prefer the file variant).
+    #[arg(long, env = "KCLOUD_BOOTSTRAP_ADMIN_PASSWORD", hide_env_values = true)]
+    pub bootstrap_admin_password: Option<String>,
+
+    /// File holding the first admin's password.
+    #[arg(long, env = "KCLOUD_BOOTSTRAP_ADMIN_PASSWORD_FILE")]
+    pub bootstrap_admin_password_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProvisionerKind {
+    /// JupyterLab processes on this host.
+    Local,
+    /// Pods in a Kubernetes cluster.
+    Kubernetes,
+}
+
+/// The settings file: what an admin tunes without restarting flags.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Quotas for users whose own quota leaves a field unset.
+    pub default_quota: DefaultQuota,
+    /// Server sizes users pick from, by name.
+    pub presets: BTreeMap<String, Preset>,
+}
+
+/// Default per-user limits. `None` is unlimited.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct DefaultQuota {
+    pub gpus: Option<u32>,
+    pub servers: Option<u32>,
+    pub cpu_millis: Option<u64>,
+    pub memory_bytes: Option<u64>,
+}
+
+impl Default for DefaultQuota {
+    fn default() -> Self {
+        Self {
+            gpus: Some(8),
+            servers: Some(4),
+            cpu_millis: Some(32_000),
+            memory_bytes: Some(256 << 30),
+        }
+    }
+}
+
+/// A named server size.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Preset {
+    /// CPU in millicores.
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+    #[serde(default)]
+    pub description: String,
+}
+
+impl Settings {
+    pub fn load(path: Option<&Path>) -> Result<Self> {
+        let mut s = match path {
+            None => Settings::default(),
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| Error::Io {
+                    context: format!("reading {}", p.display()),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", p.display())))?
+            }
+        };
+        if s.presets.is_empty() {
+            s.presets = default_presets();
+        }
+        for (name, p) in &s.presets {
+            if p.cpu_millis == 0 || p.memory_bytes < (64 << 20) {
+                return Err(Error::Config(format!(
+                    "preset {name:?}: cpu_millis must be > 0 and memory_bytes ≥ 64 MiB"
+                )));
+            }
+        }
+        Ok(s)
+    }
+}
+
+fn default_presets() -> BTreeMap<String, Preset> {
+    let p = |cpu_millis, gib: u64, description: &str| Preset {
+        cpu_millis,
+        memory_bytes: gib << 30,
+        description: description.into(),
+    };
+    BTreeMap::from([
+        ("small".into(), p(2_000, 8, "2 CPUs, 8 GiB")),
+        ("medium".into(), p(8_000, 32, "8 CPUs, 32 GiB")),
+        ("large".into(), p(16_000, 128, "16 CPUs, 128 GiB")),
+    ])
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    if let Ok(secs) = s.parse::<f64>() {
+        return Duration::try_from_secs_f64(secs).map_err(|e| e.to_string());
+    }
+    humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_file_parses_and_validates() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kcloud.toml");
+        std::fs::write(
+            &path,
+            "[default_quota]\ngpus = 2\n[presets.tiny]\ncpu_millis = 500\nmemory_bytes = 1073741824\n",
+        )
+        .unwrap();
+        let s = Settings::load(Some(&path)).unwrap();
+        assert_eq!(s.default_quota.gpus, Some(2));
+        assert_eq!(
+            s.default_quota.servers,
+            Some(4),
+            "unset fields keep defaults"
+        );
+        assert_eq!(s.presets.len(), 1);
+
+        std::fs::write(&path, "[presets.bad]\ncpu_millis = 0\nmemory_bytes = 1\n").unwrap();
+        assert!(Settings::load(Some(&path)).is_err());
+        std::fs::write(&path, "unknown = 1\n").unwrap();
+        assert!(Settings::load(Some(&path)).is_err());
+        assert_eq!(Settings::load(None).unwrap().presets.len(), 3);
+    }
+
+    #[test]
+    fn flags_have_the_documented_defaults() {
+        let c = Config::try_parse_from(["kcloud-aggregator"]).unwrap();
+        assert_eq!(c.listen.to_string(), "0.0.0.0:8080");
+        assert_eq!(c.data_dir, PathBuf::from("./data"));
+        assert_eq!(c.provisioner, ProvisionerKind::Local);
+        assert_eq!(c.access_ttl, Duration::from_secs(900));
+    }
+}

@@ -1,0 +1,233 @@
+//! kcloud-aggregator: the cluster-wide view and the only place that decides who holds
+//! which GPU.
+//!
+//! Agents push node inventories; users authenticate with JWTs; the ledger allocates
+//! whole GPUs and MIG instances exclusively; the REST API (axum) exposes all of it.
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod embedded_agent;
+pub mod inventory;
+pub mod ledger;
+pub mod metrics;
+pub mod store;
+
+/// Everything that can fail in the aggregator. `api::ApiError` maps these to HTTP
+/// status codes in one place; server-side variants are logged there and never shown to
+/// clients.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Malformed or invalid input (400/422).
+    #[error("{0}")]
+    BadRequest(String),
+    /// No or bad credentials (401).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// Authenticated but not allowed (403).
+    #[error("{0}")]
+    Forbidden(String),
+    /// Absent, or another user's (404: existence does not leak).
+    #[error("{0}")]
+    NotFound(String),
+    /// Device taken, name in use, stale write (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// Body or field over its limit (413).
+    #[error("{0}")]
+    TooLarge(String),
+    /// Too many attempts; retry after this many seconds (429).
+    #[error("too many requests; retry in {retry_after_secs}s")]
+    RateLimited { retry_after_secs: u64 },
+    /// A quota would be exceeded (429).
+    #[error("{0}")]
+    QuotaExceeded(String),
+    /// Not ready yet or a backend is down (503).
+    #[error("{0}")]
+    Unavailable(String),
+    /// Bad configuration at start.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// The database failed or is unusable.
+    #[error("database: {0}")]
+    Store(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+    /// A bug or an unexpected state; logged, shown to clients as "internal error".
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::api::AppState;
+use crate::auth::{Auth, AuthConfig, SigningKey};
+use crate::config::{Config, ProvisionerKind, Settings};
+use crate::inventory::Inventory;
+use crate::ledger::Ledger;
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// How long a reservation may stay uncommitted before it is released.
+const RESERVATION_TTL: Duration = Duration::from_secs(600);
+
+/// The assembled aggregator: shared state, the HTTP router, and what `serve` needs.
+pub struct App {
+    pub state: AppState,
+    pub router: axum::Router,
+    embedded_agent: Option<embedded_agent::EmbeddedAgent>,
+}
+
+/// Opens the data dir and database, bootstraps the first admin, and builds the state
+/// and router. Separate from `serve` so tests can hold the state.
+pub async fn build(config: &Config) -> Result<App> {
+    if config.provisioner == ProvisionerKind::Kubernetes {
+        return Err(Error::Config(
+            "--provisioner kubernetes is not available in this build yet; use local".into(),
+        ));
+    }
+    let data_dir = &config.data_dir;
+    auth::create_private_dir(data_dir)?;
+    let settings = Arc::new(Settings::load(config.config.as_deref())?);
+    let store = Store::open(&data_dir.join("kcloud.db"))?;
+    let key = SigningKey::load_or_create(config.signing_key_file.as_deref(), data_dir)?;
+    let auth = Arc::new(Auth::new(
+        store,
+        key,
+        AuthConfig {
+            access_ttl: config.access_ttl,
+            refresh_ttl: config.refresh_ttl,
+        },
+    ));
+    if let Some(password) = auth
+        .bootstrap_admin(
+            config.bootstrap_admin_user.clone(),
+            config.bootstrap_admin_password.clone(),
+            config.bootstrap_admin_password_file.clone(),
+        )
+        .await?
+    {
+        // Straight to the console, once: log pipelines must never see it.
+        println!(
+            "\n  kcloud: created the first admin.\n  user:     admin\n  password: {password}\n  \
+             (shown only now; set KCLOUD_BOOTSTRAP_ADMIN_PASSWORD to choose it yourself)\n"
+        );
+    }
+    let agent_token = auth::load_or_create_secret(
+        config.agent_token_file.as_deref(),
+        &data_dir.join("agent.token"),
+    )?;
+
+    let inventory = Arc::new(Inventory::new(config.agent_heartbeat * 3));
+    let ledger = Arc::new(Ledger::new());
+    // No provisioner holds servers yet in this build, so the ledger starts empty.
+    ledger.rebuild(std::iter::empty());
+    let embedded_agent = match &config.simulate {
+        Some(preset) => Some(embedded_agent::EmbeddedAgent::simulated(
+            preset,
+            config.agent_heartbeat,
+        )?),
+        None => None,
+    };
+    let state = AppState {
+        auth,
+        inventory,
+        ledger,
+        settings,
+        metrics: Arc::new(Metrics::new()),
+        agent_token: agent_token.into(),
+        secure_cookies: !config.insecure_cookies,
+    };
+    let (router, _) = api::router(state.clone());
+    Ok(App {
+        state,
+        router,
+        embedded_agent,
+    })
+}
+
+impl App {
+    /// Serves on `listener` until `shutdown`, then finishes in-flight requests and
+    /// closes the database.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<()> {
+        let App {
+            state,
+            router,
+            embedded_agent,
+        } = self;
+        if let Some(agent) = embedded_agent {
+            tokio::spawn(agent.run(state.inventory.clone(), shutdown.clone()));
+        }
+        tokio::spawn(sweep_reservations(state.ledger.clone(), shutdown.clone()));
+        let served = axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await
+        .map_err(|source| Error::Io {
+            context: "serving HTTP".into(),
+            source,
+        });
+        shutdown.cancel();
+        state.store().clone().close().await?;
+        tracing::info!("kcloud-aggregator stopped");
+        served
+    }
+}
+
+/// Runs the aggregator until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
+    let app = build(&config).await?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| Error::Io {
+            context: format!("listening on {}", config.listen),
+            source,
+        })?;
+    tracing::info!(listen = %config.listen, data_dir = %config.data_dir.display(), "kcloud-aggregator listening");
+    app.serve(listener, shutdown).await
+}
+
+/// Releases reservations whose create never finished, so no device leaks.
+async fn sweep_reservations(ledger: Arc<Ledger>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(30));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {
+                let aborted = ledger.sweep(now_ms(), RESERVATION_TTL);
+                if !aborted.is_empty() {
+                    tracing::warn!(count = aborted.len(), "released stale reservations");
+                }
+            }
+        }
+    }
+}
+
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Self {
+        Error::Store(e.to_string())
+    }
+}
+
+/// Milliseconds since the Unix epoch: the one clock the aggregator reads. Logic takes
+/// `now_ms` as an argument so that tests control time.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

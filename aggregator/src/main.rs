@@ -1,0 +1,34 @@
+use clap::Parser;
+use kcloud_aggregator::config::Config;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signals(shutdown.clone()));
+    kcloud_aggregator::run(config, shutdown).await?;
+    Ok(())
+}
+
+/// SIGTERM (Kubernetes) or Ctrl-C: stop accepting, finish requests, close the database.
+async fn signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("shutting down");
+    shutdown.cancel();
+}
