@@ -198,7 +198,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             context: format!("listening on {}", config.listen),
             source,
         })?;
-    tracing::info!(listen = %config.listen, data_dir = %config.data_dir.display(), "kcloud-aggregator listening");
+    let addr = listener.local_addr().unwrap_or(config.listen);
+    tracing::info!(listen = %addr, data_dir = %config.data_dir.display(), "kcloud-aggregator listening");
+    // For the person who just started it: where to go, on the console.
+    println!("kcloud-aggregator is up: http://{addr}/  (API /api/v1, spec /api/openapi.json)");
     app.serve(listener, shutdown).await
 }
 

@@ -1,0 +1,230 @@
+//! The `kcloud-aggregator` binary as an operator runs it: first start without set-up,
+//! SIGTERM, restart with the same data dir, and a damaged database.
+
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+struct Aggregator {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Aggregator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn start(data: &std::path::Path, envs: &[(&str, &str)]) -> Aggregator {
+    let port = free_port();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kcloud-aggregator"));
+    cmd.args([
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ])
+    .env_remove("KCLOUD_BOOTSTRAP_ADMIN_USER")
+    .env_remove("KCLOUD_BOOTSTRAP_ADMIN_PASSWORD")
+    .env_remove("KCLOUD_BOOTSTRAP_ADMIN_PASSWORD_FILE")
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().expect("spawn");
+    let base = format!("http://127.0.0.1:{port}");
+    let mut agg = Aggregator { child, base };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = reqwest::get(format!("{}/readyz", agg.base)).await
+            && r.status().is_success()
+        {
+            return agg;
+        }
+        if let Some(status) = agg.child.try_wait().unwrap() {
+            panic!("exited early: {status}: {}", output(&mut agg.child));
+        }
+        assert!(Instant::now() < deadline, "not ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn output(child: &mut Child) -> String {
+    let mut out = String::new();
+    if let Some(mut o) = child.stdout.take() {
+        let _ = o.read_to_string(&mut out);
+    }
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut out);
+    }
+    out
+}
+
+fn sigterm(agg: &mut Aggregator) -> (std::process::ExitStatus, String) {
+    let pid = agg.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = agg.child.try_wait().unwrap() {
+            return (status, output(&mut agg.child));
+        }
+        assert!(Instant::now() < deadline, "no exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+async fn login(base: &str, user: &str, password: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{base}/api/v1/auth/login"))
+        .json(&json!({"username": user, "password": password}))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn first_start_prints_a_password_once_and_data_survives_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut agg = start(&data, &[]).await;
+    let (status, out) = sigterm(&mut agg);
+    assert!(status.success(), "clean exit on SIGTERM: {status}\n{out}");
+    let password = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("password: "))
+        .unwrap_or_else(|| panic!("no generated password in: {out}"))
+        .to_owned();
+    assert!(password.len() >= 16);
+    assert_eq!(
+        out.matches(password.as_str()).count(),
+        1,
+        "printed once, never logged: {out}"
+    );
+    assert!(out.contains("kcloud-aggregator is up: http://127.0.0.1:"));
+
+    // Second start: same admin, same password, nothing printed again.
+    let mut agg = start(&data, &[]).await;
+    let r = login(&agg.base, "admin", &password).await;
+    assert_eq!(r.status(), 200);
+    let token = r.json::<serde_json::Value>().await.unwrap()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = reqwest::Client::new()
+        .post(format!("{}/api/v1/users", agg.base))
+        .bearer_auth(&token)
+        .json(&json!({"name": "carol", "password": "carol-password-1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let (status, out) = sigterm(&mut agg);
+    assert!(status.success());
+    assert!(
+        !out.contains("password: "),
+        "no new password on a later start: {out}"
+    );
+
+    // Third start: the user written before the shutdown is there, and the access token
+    // issued by the previous process still verifies (the key is kept in the data dir).
+    let agg = start(&data, &[]).await;
+    assert_eq!(
+        login(&agg.base, "carol", "carol-password-1").await.status(),
+        200
+    );
+    let me = reqwest::Client::new()
+        .get(format!("{}/api/v1/me", agg.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(me.status(), 200);
+    let mode = |p: &str| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(data.join(p))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("signing.key"), 0o600);
+    assert_eq!(mode("agent.token"), 0o600);
+}
+
+#[tokio::test]
+async fn bootstrap_admin_comes_from_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let pw_file = dir.path().join("pw");
+    std::fs::write(&pw_file, "file-password-for-root\n").unwrap();
+    let mut agg = start(
+        &data,
+        &[
+            ("KCLOUD_BOOTSTRAP_ADMIN_USER", "root"),
+            (
+                "KCLOUD_BOOTSTRAP_ADMIN_PASSWORD_FILE",
+                pw_file.to_str().unwrap(),
+            ),
+        ],
+    )
+    .await;
+    assert_eq!(
+        login(&agg.base, "root", "file-password-for-root")
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        login(&agg.base, "admin", "file-password-for-root")
+            .await
+            .status(),
+        401
+    );
+    let (_, out) = sigterm(&mut agg);
+    assert!(
+        !out.contains("file-password-for-root"),
+        "secret in output: {out}"
+    );
+}
+
+#[test]
+fn a_damaged_database_is_a_clear_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("kcloud.db"), vec![0x5a; 8192]).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kcloud-aggregator"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ])
+        .env("KCLOUD_BOOTSTRAP_ADMIN_PASSWORD", "irrelevant-password")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("kcloud.db"), "names the file: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
