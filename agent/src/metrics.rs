@@ -3,7 +3,6 @@
 //!
 //! Values are set once per collection from the snapshot; a scrape only encodes.
 
-use std::fmt::Write;
 use std::sync::RwLock;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
@@ -29,6 +28,8 @@ const MIB: u64 = 1024 * 1024;
 #[derive(Debug, Clone, Hash, PartialEq, Eq)]
 pub struct DeviceLabels {
     gpu: u32,
+    /// `nvidia<gpu>`, built once rather than on every scrape.
+    device: String,
     uuid: String,
     model: String,
     pci_bus_id: String,
@@ -40,6 +41,7 @@ impl DeviceLabels {
     fn gpu(g: &Gpu, hostname: &str) -> Self {
         Self {
             gpu: g.index,
+            device: format!("nvidia{}", g.index),
             uuid: g.uuid.clone(),
             model: g.model.clone(),
             pci_bus_id: g.pci_bus_id.clone(),
@@ -67,9 +69,7 @@ impl EncodeLabelSet for DeviceLabels {
         label(encoder, "gpu", self.gpu)?;
         label(encoder, "UUID", self.uuid.as_str())?;
         label(encoder, "pci_bus_id", self.pci_bus_id.as_str())?;
-        let mut device = String::with_capacity(10);
-        write!(device, "nvidia{}", self.gpu)?;
-        label(encoder, "device", device.as_str())?;
+        label(encoder, "device", self.device.as_str())?;
         label(encoder, "modelName", self.model.as_str())?;
         if let Some((profile, gi)) = &self.mig {
             label(encoder, "GPU_I_PROFILE", profile.as_str())?;
