@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method, StatusCode, header};
@@ -212,6 +212,17 @@ impl IntoResponse for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
+        ApiError(match r.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => {
+                Error::TooLarge(format!("request body over {MAX_BODY} bytes"))
+            }
+            _ => Error::BadRequest(r.body_text()),
+        })
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(r: BytesRejection) -> Self {
         ApiError(match r.status() {
             StatusCode::PAYLOAD_TOO_LARGE => {
                 Error::TooLarge(format!("request body over {MAX_BODY} bytes"))

@@ -138,6 +138,9 @@ pub struct DeviceView {
     pub available: bool,
     pub stale: bool,
     pub lost: bool,
+    /// Held by a server (reserved or committed), whoever holds it: what a user sees
+    /// of other users' holdings.
+    pub in_use: bool,
     /// Who holds it (reserved or committed); the API layer redacts it per viewer.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub holder: Option<Holder>,
@@ -587,6 +590,7 @@ impl InvState {
             available,
             stale,
             lost: dev.lost,
+            in_use: holder.is_some(),
             holder,
             memory_total_bytes: None,
             memory_used_bytes: None,

@@ -794,6 +794,18 @@ async fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
         assert!(r.status.is_client_error(), "login {what}: {:?}", r.status);
         assert_error_shape(&r);
     }
+    for path in ["/api/v1/auth/refresh", "/api/v1/auth/logout"] {
+        for body in [
+            b"{".to_vec(),
+            br#"{"refresh_token": 5}"#.to_vec(),
+            br#"{"refresh_token": "x.y.z"}"#.to_vec(),
+            huge.clone(),
+        ] {
+            let r = app.raw(Method::POST, path, None, body).await;
+            assert!(r.status.is_client_error(), "{path}: {:?}", r.status);
+            assert_error_shape(&r);
+        }
+    }
     for (what, body) in [
         ("wrong types", br#"{"disabled": "yes"}"#.to_vec()),
         (
@@ -997,6 +1009,11 @@ async fn inventory_views_filter_page_and_redact_holders() {
         "{seen_by_bob}"
     );
     assert_eq!(seen_by_bob["available"], false);
+    assert_eq!(
+        seen_by_bob["in_use"], true,
+        "others' holdings show as in use"
+    );
+    assert_eq!(held(&all)["in_use"], true);
 
     // Filters and paging.
     let free = list(alice.clone(), "available=true&limit=1000").await;

@@ -3,6 +3,7 @@
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
@@ -65,9 +66,9 @@ async fn refresh(
     State(s): State<AppState>,
     headers: HeaderMap,
     method: Method,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let token = refresh_token(&headers, &method, &body)?;
+    let token = refresh_token(&headers, &method, &body?)?;
     let session = s.auth.refresh(&token, now_ms()).await?;
     Ok(with_session_cookies(&s, session))
 }
@@ -79,9 +80,9 @@ async fn logout(
     State(s): State<AppState>,
     headers: HeaderMap,
     method: Method,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let token = refresh_token(&headers, &method, &body)?;
+    let token = refresh_token(&headers, &method, &body?)?;
     s.auth.logout(&token).await?;
     let mut resp = StatusCode::NO_CONTENT.into_response();
     for name in [ACCESS_COOKIE, REFRESH_COOKIE, CSRF_COOKIE] {
