@@ -153,7 +153,8 @@ fn validate_node_name(name: &str) -> Result<()> {
     }
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+/// `5s`, `500ms`, `1h`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
     // A bare number is seconds, as operators tend to write it.
     if let Ok(secs) = s.parse::<f64>() {
         return Duration::try_from_secs_f64(secs).map_err(|e| e.to_string());

@@ -9,6 +9,8 @@ use clap::{Parser, ValueEnum};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use kcloud_agent::config::parse_duration;
+
 use crate::{Error, Result};
 
 /// kcloud aggregator: cluster GPU inventory, allocation ledger, users, REST API.
@@ -163,13 +165,6 @@ fn default_presets() -> BTreeMap<String, Preset> {
         ("medium".into(), p(8_000, 32, "8 CPUs, 32 GiB")),
         ("large".into(), p(16_000, 128, "16 CPUs, 128 GiB")),
     ])
-}
-
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    if let Ok(secs) = s.parse::<f64>() {
-        return Duration::try_from_secs_f64(secs).map_err(|e| e.to_string());
-    }
-    humantime::parse_duration(s).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
