@@ -295,11 +295,13 @@ fn read_secret_file(path: &Path) -> Result<Vec<u8>> {
     {
         use std::os::unix::fs::PermissionsExt;
         if let Ok(m) = std::fs::metadata(path)
-            && m.permissions().mode() & 0o077 != 0
+            // Group access is how a Kubernetes Secret reaches a non-root pod (0440 with
+            // fsGroup); access for everyone else is the mistake worth a warning.
+            && m.permissions().mode() & 0o007 != 0
         {
             tracing::warn!(
                 path = %path.display(),
-                "secret file is readable by group or others; make it 0600 (0400 for a mounted Secret)"
+                "secret file is readable by others; make it 0600 (0440 with fsGroup for a mounted Secret)"
             );
         }
     }
