@@ -54,6 +54,8 @@ pub struct AppState {
     /// The agents' shared secret; compared in constant time, never logged.
     pub agent_token: Arc<str>,
     pub secure_cookies: bool,
+    /// Node figures and history from Prometheus, when configured.
+    pub prometheus: Option<Arc<crate::prometheus::Prometheus>>,
 }
 
 impl AppState {

@@ -65,6 +65,19 @@ pub struct Config {
     #[arg(long, env = "KCLOUD_INSECURE_COOKIES")]
     pub insecure_cookies: bool,
 
+    /// Prometheus to read node CPU/memory and GPU history from (PromQL over its HTTP
+    /// API); without it, node figures come from the agents' pushes.
+    #[arg(long, env = "KCLOUD_PROMETHEUS_URL")]
+    pub prometheus_url: Option<reqwest::Url>,
+
+    /// Timeout of each Prometheus query.
+    #[arg(long, env = "KCLOUD_PROMETHEUS_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub prometheus_timeout: Duration,
+
+    /// How often node figures are read from Prometheus.
+    #[arg(long, env = "KCLOUD_PROMETHEUS_REFRESH", default_value = "15s", value_parser = parse_duration)]
+    pub prometheus_refresh: Duration,
+
     /// First admin's user name, created at start when it does not exist.
     #[arg(long, env = "KCLOUD_BOOTSTRAP_ADMIN_USER")]
     pub bootstrap_admin_user: Option<String>,
@@ -94,6 +107,8 @@ pub struct Settings {
     pub default_quota: DefaultQuota,
     /// Server sizes users pick from, by name.
     pub presets: BTreeMap<String, Preset>,
+    /// PromQL used with `--prometheus-url`.
+    pub prometheus: crate::prometheus::Queries,
 }
 
 /// Default per-user limits. `None` is unlimited.

@@ -11,6 +11,7 @@ pub mod embedded_agent;
 pub mod inventory;
 pub mod ledger;
 pub mod metrics;
+pub mod prometheus;
 pub mod store;
 
 /// Everything that can fail in the aggregator. `api::ApiError` maps these to HTTP
@@ -138,6 +139,15 @@ pub async fn build(config: &Config) -> Result<App> {
         )?),
         None => None,
     };
+    let prometheus = match &config.prometheus_url {
+        Some(url) => Some(Arc::new(prometheus::Prometheus::new(
+            url.clone(),
+            settings.prometheus.clone(),
+            config.prometheus_timeout,
+            config.prometheus_refresh,
+        )?)),
+        None => None,
+    };
     let state = AppState {
         auth,
         inventory,
@@ -146,6 +156,7 @@ pub async fn build(config: &Config) -> Result<App> {
         metrics: Arc::new(Metrics::new()),
         agent_token: agent_token.into(),
         secure_cookies: !config.insecure_cookies,
+        prometheus,
     };
     let (router, _) = api::router(state.clone());
     Ok(App {
@@ -172,6 +183,9 @@ impl App {
             tokio::spawn(agent.run(state.inventory.clone(), shutdown.clone()));
         }
         tokio::spawn(sweep_reservations(state.ledger.clone(), shutdown.clone()));
+        if let Some(p) = &state.prometheus {
+            tokio::spawn(p.clone().run(shutdown.clone()));
+        }
         let served = axum::serve(
             listener,
             router.into_make_service_with_connect_info::<SocketAddr>(),

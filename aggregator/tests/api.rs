@@ -1139,6 +1139,7 @@ async fn openapi_covers_every_endpoint() {
         ("/api/v1/nodes/{node}/inventory", "put"),
         ("/api/v1/nodes", "get"),
         ("/api/v1/nodes/{node}", "get"),
+        ("/api/v1/nodes/{node}/history", "get"),
         ("/api/v1/gpus", "get"),
         ("/api/v1/gpus/summary", "get"),
         ("/api/v1/presets", "get"),

@@ -3,13 +3,17 @@
 use axum::Json;
 use axum::extract::State;
 use kcloud_common::NodeInventory;
-use serde::Serialize;
-use utoipa::ToSchema;
+use std::time::Duration;
+
+use kcloud_agent::config::parse_duration;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::{AgentCaller, ApiError, ApiJson, ApiPath, ApiQuery, AppState, Caller, ErrorBody};
 use crate::inventory::{Availability, DeviceQuery, DeviceView, Ingested, NodeView, Page};
+use crate::prometheus::{History, HistoryMetric, NodeMetrics};
 use crate::{Error, now_ms};
 
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -17,6 +21,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(put_inventory))
         .routes(routes!(list_nodes))
         .routes(routes!(get_node))
+        .routes(routes!(node_history))
         .routes(routes!(list_gpus))
         .routes(routes!(gpu_summary))
 }
@@ -51,26 +56,81 @@ async fn put_inventory(
     }))
 }
 
+/// A node with its CPU and memory figures: from Prometheus when configured and
+/// answering, else from the agent's last push (`metrics.source` says which).
+#[derive(Serialize, ToSchema)]
+pub struct NodeDetail {
+    #[serde(flatten)]
+    pub node: NodeView,
+    pub metrics: NodeMetrics,
+}
+
+fn detail(s: &AppState, node: NodeView) -> NodeDetail {
+    let metrics = s
+        .prometheus
+        .as_ref()
+        .and_then(|p| p.node(&node.name))
+        .unwrap_or_else(|| NodeMetrics::from_agent(&node.host));
+    NodeDetail { node, metrics }
+}
+
 #[utoipa::path(get, path = "/api/v1/nodes", tag = "inventory",
-    responses((status = 200, body = [NodeView]), (status = 401, body = ErrorBody)),
+    responses((status = 200, body = [NodeDetail]), (status = 401, body = ErrorBody)),
     security(("bearer" = []), ("cookie" = [])))]
-async fn list_nodes(State(s): State<AppState>, _caller: Caller) -> Json<Vec<NodeView>> {
-    Json(s.inventory.nodes(&s.ledger, now_ms()))
+async fn list_nodes(State(s): State<AppState>, _caller: Caller) -> Json<Vec<NodeDetail>> {
+    let nodes = s.inventory.nodes(&s.ledger, now_ms());
+    Json(nodes.into_iter().map(|n| detail(&s, n)).collect())
 }
 
 #[utoipa::path(get, path = "/api/v1/nodes/{node}", tag = "inventory",
     params(("node" = String, Path)),
-    responses((status = 200, body = NodeView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    responses((status = 200, body = NodeDetail), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("bearer" = []), ("cookie" = [])))]
 async fn get_node(
     State(s): State<AppState>,
     _caller: Caller,
     ApiPath(node): ApiPath<String>,
-) -> Result<Json<NodeView>, ApiError> {
-    s.inventory
+) -> Result<Json<NodeDetail>, ApiError> {
+    let view = s
+        .inventory
         .node(&node, &s.ledger, now_ms())
-        .map(Json)
-        .ok_or_else(|| Error::NotFound(format!("no node {node:?}")).into())
+        .ok_or_else(|| Error::NotFound(format!("no node {node:?}")))?;
+    Ok(Json(detail(&s, view)))
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryQuery {
+    /// `cpu` (utilization ratio), `memory` (bytes used) or `gpu_utilization` (percent).
+    #[param(value_type = String)]
+    pub metric: HistoryMetric,
+    /// How far back, e.g. `15m`, `1h`, `1d` (at most `7d`). Default `1h`.
+    pub range: Option<String>,
+}
+
+/// A node's metric over time, for the portal's charts (needs `--prometheus-url`).
+#[utoipa::path(get, path = "/api/v1/nodes/{node}/history", tag = "inventory",
+    params(("node" = String, Path), HistoryQuery),
+    responses((status = 200, body = History), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)),
+    security(("bearer" = []), ("cookie" = [])))]
+async fn node_history(
+    State(s): State<AppState>,
+    _caller: Caller,
+    ApiPath(node): ApiPath<String>,
+    ApiQuery(q): ApiQuery<HistoryQuery>,
+) -> Result<Json<History>, ApiError> {
+    let range = match q.range.as_deref() {
+        None => Duration::from_secs(3600),
+        Some(r) => parse_duration(r).map_err(|e| Error::BadRequest(format!("range: {e}")))?,
+    };
+    if s.inventory.node(&node, &s.ledger, now_ms()).is_none() {
+        return Err(Error::NotFound(format!("no node {node:?}")).into());
+    }
+    let prometheus = s.prometheus.as_ref().ok_or_else(|| {
+        Error::Unavailable("history needs the aggregator started with --prometheus-url".into())
+    })?;
+    Ok(Json(prometheus.history(&node, q.metric, range).await?))
 }
 
 /// Devices (whole GPUs and MIG instances), filtered and paged. Admins see who holds
