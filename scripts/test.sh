@@ -17,6 +17,23 @@ if ((${#need_apt[@]})); then
   # --no-install-recommends: we need the binaries, not the Debian service set-up.
   apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
+# JupyterLab: the servers end-to-end tests start real ones through the local provisioner.
+if ! command -v jupyter-lab >/dev/null; then
+  echo "==> installing: jupyterlab (pip)"
+  if ! command -v python3 >/dev/null; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends python3 python3-pip >/dev/null
+  fi
+  # A distribution's own Python refuses global installs (PEP 668) unless told.
+  python3 -m pip install --quiet jupyterlab \
+    || python3 -m pip install --quiet --break-system-packages jupyterlab
+  if command -v pyenv >/dev/null; then pyenv rehash; fi
+  command -v jupyter-lab >/dev/null || {
+    echo "jupyterlab was installed but jupyter-lab is not on PATH" >&2
+    exit 1
+  }
+fi
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check

@@ -6,6 +6,7 @@
 
 mod nodes;
 mod ops;
+mod servers;
 mod session;
 mod users;
 
@@ -56,6 +57,12 @@ pub struct AppState {
     pub secure_cookies: bool,
     /// Node figures and history from Prometheus, when configured.
     pub prometheus: Option<Arc<crate::prometheus::Prometheus>>,
+    /// Where servers run.
+    pub provisioner: Arc<dyn crate::provisioner::Provisioner>,
+    /// Creates and deletes of one owner's servers run one at a time.
+    pub server_locks: Arc<crate::provisioner::OwnerLocks>,
+    /// The proxy's pooled client to servers.
+    pub proxy_client: crate::proxy::HttpClient,
 }
 
 impl AppState {
@@ -71,6 +78,7 @@ pub fn router(state: AppState) -> (Router, OpenApi) {
         .merge(users::routes())
         .merge(nodes::routes())
         .merge(ops::routes())
+        .merge(servers::routes())
         .split_for_parts();
     api.info.title = "kcloud".into();
     api.info.version = env!("CARGO_PKG_VERSION").into();
@@ -99,6 +107,7 @@ pub fn router(state: AppState) -> (Router, OpenApi) {
     );
     let spec = Arc::new(api.clone());
     let router = router
+        .merge(crate::proxy::routes())
         .route(
             "/api/openapi.json",
             axum::routing::get(move || {
@@ -337,7 +346,15 @@ impl FromRequestParts<AppState> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Self, Self::Rejection> {
         let token = credential(&parts.headers, &parts.method)?;
-        let claims = s.auth.verify_access(&token)?;
+        Ok(Caller::from_access_token(s, &token).await?)
+    }
+}
+
+impl Caller {
+    /// The user an access token stands for, if they still exist and are enabled. For
+    /// callers that take the token from elsewhere (the proxy, which has no CSRF rule).
+    pub async fn from_access_token(s: &AppState, token: &str) -> Result<Caller, Error> {
+        let claims = s.auth.verify_access(token)?;
         let user = s
             .store()
             .user(&claims.sub)

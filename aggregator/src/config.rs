@@ -78,6 +78,15 @@ pub struct Config {
     #[arg(long, env = "KCLOUD_PROMETHEUS_REFRESH", default_value = "15s", value_parser = parse_duration)]
     pub prometheus_refresh: Duration,
 
+    /// Local provisioner: the program that starts JupyterLab (default: `jupyter-lab`,
+    /// else `jupyter lab`, found on PATH).
+    #[arg(long, env = "KCLOUD_JUPYTER_COMMAND")]
+    pub jupyter_command: Option<PathBuf>,
+
+    /// Local provisioner: how long a deleted server gets between SIGTERM and SIGKILL.
+    #[arg(long, env = "KCLOUD_STOP_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub stop_grace: Duration,
+
     /// First admin's user name, created at start when it does not exist.
     #[arg(long, env = "KCLOUD_BOOTSTRAP_ADMIN_USER")]
     pub bootstrap_admin_user: Option<String>,
@@ -109,6 +118,41 @@ pub struct Settings {
     pub presets: BTreeMap<String, Preset>,
     /// PromQL used with `--prometheus-url`.
     pub prometheus: crate::prometheus::Queries,
+    /// Which images servers may ask for.
+    #[serde(default)]
+    pub images: Images,
+}
+
+/// The image allow-list (`[images]`). The local provisioner records images but runs
+/// JupyterLab from this host; the check applies all the same.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Images {
+    /// Patterns with `*` (any characters), e.g. `quay.io/jupyter/*`.
+    #[serde(default)]
+    pub allowed: Vec<String>,
+    /// Used when a request names no image; always allowed.
+    #[serde(default)]
+    pub default: Option<String>,
+}
+
+impl Default for Images {
+    fn default() -> Self {
+        Self {
+            allowed: vec!["quay.io/jupyter/*".into()],
+            default: Some("quay.io/jupyter/scipy-notebook:latest".into()),
+        }
+    }
+}
+
+impl Images {
+    pub fn allows(&self, image: &str) -> bool {
+        self.default.as_deref() == Some(image)
+            || self
+                .allowed
+                .iter()
+                .any(|p| crate::provisioner::glob_match(p, image))
+    }
 }
 
 /// Default per-user limits. `None` is unlimited.

@@ -12,6 +12,8 @@ pub mod inventory;
 pub mod ledger;
 pub mod metrics;
 pub mod prometheus;
+pub mod provisioner;
+pub mod proxy;
 pub mod store;
 
 /// Everything that can fail in the aggregator. `api::ApiError` maps these to HTTP
@@ -76,6 +78,8 @@ use crate::config::{Config, ProvisionerKind, Settings};
 use crate::inventory::Inventory;
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
+use crate::provisioner::Provisioner;
+use crate::provisioner::local::{LocalOptions, LocalProvisioner};
 use crate::store::Store;
 
 /// How long a reservation may stay uncommitted before it is released.
@@ -102,7 +106,7 @@ pub async fn build(config: &Config) -> Result<App> {
     let store = Store::open(&data_dir.join("kcloud.db"))?;
     let key = SigningKey::load_or_create(config.signing_key_file.as_deref(), data_dir)?;
     let auth = Arc::new(Auth::new(
-        store,
+        store.clone(),
         key,
         AuthConfig {
             access_ttl: config.access_ttl,
@@ -130,8 +134,24 @@ pub async fn build(config: &Config) -> Result<App> {
 
     let inventory = Arc::new(Inventory::new(config.agent_heartbeat * 3));
     let ledger = Arc::new(Ledger::new());
-    // No provisioner holds servers yet in this build, so the ledger starts empty.
-    ledger.rebuild(std::iter::empty());
+    let provisioner: Arc<dyn Provisioner> = Arc::new(LocalProvisioner::new(
+        store,
+        ledger.clone(),
+        LocalOptions {
+            jupyter: config.jupyter_command.clone(),
+            stop_grace: config.stop_grace,
+            ..LocalOptions::new(data_dir)
+        },
+    ));
+    // The ledger is rebuilt from the servers that exist (adopted or not) before the
+    // API serves: until then /readyz is 503 and allocations wait.
+    let servers = provisioner.recover().await?;
+    ledger.rebuild(
+        servers
+            .iter()
+            .filter(|s| s.status.holds_devices())
+            .flat_map(|s| s.devices.iter().map(|d| (d.clone(), s.holder()))),
+    );
     let embedded_agent = match &config.simulate {
         Some(preset) => Some(embedded_agent::EmbeddedAgent::simulated(
             preset,
@@ -157,6 +177,9 @@ pub async fn build(config: &Config) -> Result<App> {
         agent_token: agent_token.into(),
         secure_cookies: !config.insecure_cookies,
         prometheus,
+        provisioner,
+        server_locks: Default::default(),
+        proxy_client: proxy::http_client(),
     };
     let (router, _) = api::router(state.clone());
     Ok(App {
@@ -186,6 +209,11 @@ impl App {
         if let Some(p) = &state.prometheus {
             tokio::spawn(p.clone().run(shutdown.clone()));
         }
+        // No Nagle delay for small writes (proxied kernel messages above all).
+        use axum::serve::ListenerExt as _;
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let served = axum::serve(
             listener,
             router.into_make_service_with_connect_info::<SocketAddr>(),
@@ -197,6 +225,8 @@ impl App {
             source,
         });
         shutdown.cancel();
+        // Servers keep running; the next start adopts them.
+        state.provisioner.shutdown().await;
         state.store().clone().close().await?;
         tracing::info!("kcloud-aggregator stopped");
         served

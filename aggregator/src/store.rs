@@ -1,4 +1,5 @@
-//! SQLite in the data dir: users, refresh-token families, and the audit log.
+//! SQLite in the data dir: users, refresh-token families, the audit log, and the local
+//! provisioner's servers with their events.
 //!
 //! One connection behind a mutex; every async call runs on the blocking pool. WAL with
 //! `synchronous=FULL`, so a write is on disk before the call returns.
@@ -11,6 +12,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
 use serde::{Deserialize, Serialize};
 
+use crate::provisioner::{Launch, ServerEvent, ServerStatus};
 use crate::{Error, Result, now_ms};
 
 /// Schema steps; step `i` takes `user_version` from `i` to `i + 1`. Append only: never
@@ -59,6 +61,41 @@ const MIGRATIONS: &[&str] = &[
         client TEXT NOT NULL DEFAULT ''
     ) STRICT;
     CREATE INDEX audit_log_at ON audit_log(at_ms);
+    "#,
+    // 2: servers of the local provisioner and their lifecycle events. No foreign key to
+    // users: a user's row must not vanish under a running process.
+    r#"
+    CREATE TABLE servers (
+        id               TEXT PRIMARY KEY NOT NULL,
+        owner            TEXT NOT NULL,
+        name             TEXT NOT NULL,
+        status           TEXT NOT NULL
+                         CHECK (status IN ('pending', 'running', 'failed', 'stopping')),
+        reason           TEXT,
+        node             TEXT,
+        devices          TEXT NOT NULL DEFAULT '[]',
+        cpu_millis       INTEGER NOT NULL CHECK (cpu_millis >= 0),
+        memory_bytes     INTEGER NOT NULL CHECK (memory_bytes >= 0),
+        image            TEXT,
+        launch           TEXT NOT NULL DEFAULT '{}',
+        port             INTEGER CHECK (port BETWEEN 1 AND 65535),
+        pid              INTEGER CHECK (pid > 0),
+        pid_start        INTEGER,
+        token            TEXT NOT NULL,
+        created_at_ms    INTEGER NOT NULL,
+        ready_at_ms      INTEGER,
+        last_activity_ms INTEGER NOT NULL,
+        UNIQUE (owner, name)
+    ) STRICT;
+
+    CREATE TABLE server_events (
+        id        INTEGER PRIMARY KEY AUTOINCREMENT,
+        server_id TEXT NOT NULL REFERENCES servers(id) ON DELETE CASCADE,
+        at_ms     INTEGER NOT NULL,
+        kind      TEXT NOT NULL,
+        message   TEXT NOT NULL DEFAULT ''
+    ) STRICT;
+    CREATE INDEX server_events_server ON server_events(server_id, id);
     "#,
 ];
 
@@ -225,6 +262,54 @@ pub struct AuditEntry {
     /// The client address when a request caused it, else empty.
     #[serde(default)]
     pub client: String,
+}
+
+/// Events kept per server; older ones are dropped as new ones come.
+const SERVER_EVENTS_MAX: i64 = 200;
+
+/// A server as the local provisioner records it: the API's view plus how to reach and
+/// signal its process.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ServerRow {
+    /// Unique per incarnation: a server deleted and created again under the same name
+    /// gets a new id.
+    pub id: String,
+    pub owner: String,
+    pub name: String,
+    pub status: ServerStatus,
+    pub reason: Option<String>,
+    pub node: Option<String>,
+    pub devices: Vec<String>,
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+    pub image: Option<String>,
+    pub launch: Launch,
+    pub port: Option<u16>,
+    pub pid: Option<u32>,
+    /// The process's start time (clock ticks since boot): a pid reused by another
+    /// process after a reboot or wrap-around does not match it.
+    pub pid_start: Option<u64>,
+    /// The server's own Jupyter token; only the proxy uses it.
+    pub token: String,
+    pub created_at_ms: u64,
+    pub ready_at_ms: Option<u64>,
+    pub last_activity_ms: u64,
+}
+
+impl fmt::Debug for ServerRow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerRow")
+            .field("id", &self.id)
+            .field("owner", &self.owner)
+            .field("name", &self.name)
+            .field("status", &self.status)
+            .field("reason", &self.reason)
+            .field("devices", &self.devices)
+            .field("port", &self.port)
+            .field("pid", &self.pid)
+            .field("token", &"<redacted>")
+            .finish_non_exhaustive()
+    }
 }
 
 /// Checks a user name: 1–63 characters, a lowercase DNS-1123 label, because names end
@@ -622,6 +707,154 @@ impl Store {
         .await
     }
 
+    /// Records a new server; an owner's name already taken is `Conflict`.
+    pub async fn insert_server(&self, row: ServerRow) -> Result<()> {
+        self.call(move |conn| {
+            let inserted = conn.execute(
+                &format!(
+                    "INSERT INTO servers ({SERVER_COLUMNS}) VALUES
+                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)
+                     ON CONFLICT(owner, name) DO NOTHING"
+                ),
+                params![
+                    row.id,
+                    row.owner,
+                    row.name,
+                    row.status.as_str(),
+                    row.reason,
+                    row.node,
+                    to_json(&row.devices)?,
+                    to_i64(row.cpu_millis)?,
+                    to_i64(row.memory_bytes)?,
+                    row.image,
+                    to_json(&row.launch)?,
+                    row.port,
+                    row.pid,
+                    row.pid_start.map(to_i64).transpose()?,
+                    row.token,
+                    to_i64(row.created_at_ms)?,
+                    row.ready_at_ms.map(to_i64).transpose()?,
+                    to_i64(row.last_activity_ms)?,
+                ],
+            )?;
+            if inserted == 0 {
+                return Err(Error::Conflict(format!(
+                    "server name {:?} is already in use",
+                    row.name
+                )));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Writes a server's changing fields (status, reason, process, times); a server
+    /// that is gone is ignored.
+    pub async fn save_server(&self, row: ServerRow) -> Result<()> {
+        self.call(move |conn| {
+            conn.execute(
+                "UPDATE servers SET status = ?2, reason = ?3, port = ?4, pid = ?5,
+                    pid_start = ?6, ready_at_ms = ?7, last_activity_ms = ?8 WHERE id = ?1",
+                params![
+                    row.id,
+                    row.status.as_str(),
+                    row.reason,
+                    row.port,
+                    row.pid,
+                    row.pid_start.map(to_i64).transpose()?,
+                    row.ready_at_ms.map(to_i64).transpose()?,
+                    to_i64(row.last_activity_ms)?,
+                ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Sets servers' last activity, never moving it backwards.
+    pub async fn touch_servers(&self, seen: Vec<(String, u64)>) -> Result<()> {
+        self.call(move |conn| {
+            let tx = conn.transaction()?;
+            for (id, at_ms) in &seen {
+                tx.execute(
+                    "UPDATE servers SET last_activity_ms = MAX(last_activity_ms, ?2) WHERE id = ?1",
+                    params![id, to_i64(*at_ms)?],
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Forgets a server and its events; `false` if it was not there.
+    pub async fn delete_server(&self, id: &str) -> Result<bool> {
+        let id = id.to_owned();
+        self.call(move |conn| {
+            Ok(conn.execute("DELETE FROM servers WHERE id = ?1", params![id])? > 0)
+        })
+        .await
+    }
+
+    /// Every recorded server, by owner and name.
+    pub async fn servers(&self) -> Result<Vec<ServerRow>> {
+        self.call(|conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {SERVER_COLUMNS} FROM servers ORDER BY owner, name"
+            ))?;
+            let rows = stmt.query_map([], server_from_row)?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+    }
+
+    /// Appends a lifecycle event to a server (ignored if the server is gone); keeps the
+    /// newest 200 per server.
+    pub async fn server_event(&self, server_id: &str, event: ServerEvent) -> Result<()> {
+        let id = server_id.to_owned();
+        self.call(move |conn| {
+            let tx = conn.transaction()?;
+            tx.execute(
+                "INSERT INTO server_events (server_id, at_ms, kind, message)
+                 SELECT ?1, ?2, ?3, ?4 WHERE EXISTS (SELECT 1 FROM servers WHERE id = ?1)",
+                params![
+                    id,
+                    to_i64(event.at_ms)?,
+                    clip(&event.kind),
+                    clip(&event.message)
+                ],
+            )?;
+            tx.execute(
+                "DELETE FROM server_events WHERE server_id = ?1 AND id <= (
+                    SELECT id FROM server_events WHERE server_id = ?1
+                    ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+                params![id, SERVER_EVENTS_MAX],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// A server's events, oldest first.
+    pub async fn server_events(&self, server_id: &str) -> Result<Vec<ServerEvent>> {
+        let id = server_id.to_owned();
+        self.call(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT at_ms, kind, message FROM server_events WHERE server_id = ?1 ORDER BY id",
+            )?;
+            let rows = stmt.query_map(params![id], |r| {
+                Ok(ServerEvent {
+                    at_ms: get_u64(r, 0)?,
+                    kind: r.get(1)?,
+                    message: r.get(2)?,
+                })
+            })?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+    }
+
     /// Checkpoints the WAL into the database file and closes the connection. Other
     /// clones get `Store("database is closed")` afterwards.
     pub async fn close(self) -> Result<()> {
@@ -637,6 +870,44 @@ impl Store {
         .await
         .map_err(|e| Error::Internal(format!("database task failed: {e}")))?
     }
+}
+
+const SERVER_COLUMNS: &str = "id, owner, name, status, reason, node, devices, cpu_millis, \
+    memory_bytes, image, launch, port, pid, pid_start, token, created_at_ms, ready_at_ms, \
+    last_activity_ms";
+
+fn server_from_row(r: &Row<'_>) -> rusqlite::Result<ServerRow> {
+    let bad = |i: usize, e: String| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e.into())
+    };
+    let status: String = r.get(3)?;
+    let devices: String = r.get(6)?;
+    let launch: String = r.get(10)?;
+    Ok(ServerRow {
+        id: r.get(0)?,
+        owner: r.get(1)?,
+        name: r.get(2)?,
+        status: ServerStatus::parse(&status)
+            .ok_or_else(|| bad(3, format!("unknown server status {status:?}")))?,
+        reason: r.get(4)?,
+        node: r.get(5)?,
+        devices: serde_json::from_str(&devices).map_err(|e| bad(6, e.to_string()))?,
+        cpu_millis: get_u64(r, 7)?,
+        memory_bytes: get_u64(r, 8)?,
+        image: r.get(9)?,
+        launch: serde_json::from_str(&launch).map_err(|e| bad(10, e.to_string()))?,
+        port: r.get(11)?,
+        pid: r.get(12)?,
+        pid_start: get_opt_u64(r, 13)?,
+        token: r.get(14)?,
+        created_at_ms: get_u64(r, 15)?,
+        ready_at_ms: get_opt_u64(r, 16)?,
+        last_activity_ms: get_u64(r, 17)?,
+    })
+}
+
+fn to_json<T: Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| Error::Internal(format!("encoding JSON: {e}")))
 }
 
 const USER_SELECT: &str = "SELECT name, role, disabled, quota_gpus, quota_servers, \
@@ -1400,6 +1671,112 @@ mod tests {
         assert_eq!(log[0].detail.len(), AUDIT_FIELD_MAX);
         assert_eq!(log[2].at_ms, 100);
         assert_eq!(store.audit_log(1).await.unwrap().len(), 1);
+    }
+
+    fn server_row(id: &str, name: &str) -> ServerRow {
+        ServerRow {
+            id: id.into(),
+            owner: "alice".into(),
+            name: name.into(),
+            status: ServerStatus::Pending,
+            reason: Some("starting".into()),
+            node: Some("node-1".into()),
+            devices: vec!["MIG-a".into(), "MIG-b".into()],
+            cpu_millis: 2000,
+            memory_bytes: 8 << 30,
+            image: Some("quay.io/jupyter/scipy-notebook:latest".into()),
+            launch: Launch {
+                command: None,
+                args: vec!["--debug".into()],
+                env: [("A".to_owned(), "1".to_owned())].into(),
+            },
+            port: Some(40000),
+            pid: None,
+            pid_start: None,
+            token: "secret-token".into(),
+            created_at_ms: 10,
+            ready_at_ms: None,
+            last_activity_ms: 10,
+        }
+    }
+
+    #[tokio::test]
+    async fn servers_round_trip_with_events() {
+        let (_dir, store) = open_temp();
+        let row = server_row("id-1", "lab");
+        store.insert_server(row.clone()).await.unwrap();
+        assert!(!format!("{row:?}").contains("secret-token"));
+        let err = store
+            .insert_server(server_row("id-2", "lab"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Conflict(_)), "{err:?}");
+        assert_eq!(store.servers().await.unwrap(), std::slice::from_ref(&row));
+
+        let saved = ServerRow {
+            status: ServerStatus::Running,
+            reason: None,
+            pid: Some(4242),
+            pid_start: Some(99),
+            ready_at_ms: Some(20),
+            last_activity_ms: 20,
+            ..row.clone()
+        };
+        store.save_server(saved.clone()).await.unwrap();
+        store
+            .touch_servers(vec![("id-1".into(), 30), ("gone".into(), 5)])
+            .await
+            .unwrap();
+        store
+            .touch_servers(vec![("id-1".into(), 25)])
+            .await
+            .unwrap();
+        let back = store.servers().await.unwrap().remove(0);
+        assert_eq!(
+            back,
+            ServerRow {
+                last_activity_ms: 30,
+                ..saved
+            }
+        );
+
+        for i in 0..(SERVER_EVENTS_MAX + 5) {
+            store
+                .server_event(
+                    "id-1",
+                    ServerEvent {
+                        at_ms: i as u64,
+                        kind: "Tick".into(),
+                        message: format!("{i}"),
+                    },
+                )
+                .await
+                .unwrap();
+        }
+        let events = store.server_events("id-1").await.unwrap();
+        assert_eq!(events.len() as i64, SERVER_EVENTS_MAX, "oldest dropped");
+        assert_eq!(events[0].message, "5");
+        // Events of a server that is gone are ignored, and deleting cascades.
+        store
+            .server_event(
+                "gone",
+                ServerEvent {
+                    at_ms: 1,
+                    kind: "X".into(),
+                    message: String::new(),
+                },
+            )
+            .await
+            .unwrap();
+        assert!(store.delete_server("id-1").await.unwrap());
+        assert!(!store.delete_server("id-1").await.unwrap());
+        assert!(store.server_events("id-1").await.unwrap().is_empty());
+        assert!(store.servers().await.unwrap().is_empty());
+        // The name is free again.
+        store
+            .insert_server(server_row("id-3", "lab"))
+            .await
+            .unwrap();
     }
 
     #[tokio::test]

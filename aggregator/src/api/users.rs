@@ -194,6 +194,12 @@ async fn delete_user(
         return Err(Error::Conflict("you cannot delete your own account".into()).into());
     }
     guard_last_admin(&s, &name).await?;
+    if !s.provisioner.list(Some(&name)).is_empty() {
+        return Err(Error::Conflict(format!(
+            "user {name:?} still has servers; delete their servers first"
+        ))
+        .into());
+    }
     if s.ledger.devices_held_by(&name) > 0 {
         return Err(Error::Conflict(format!(
             "user {name:?} still holds devices; delete their servers first"
