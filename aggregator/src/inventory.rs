@@ -855,15 +855,23 @@ impl Inventory {
         let mut lg = ledger.state();
         lg.sync(&st);
         let ready = lg.ready();
-        let mut acc: HashMap<Class, (u32, u32)> = HashMap::new();
+        // A handful of classes (model × profile) across the cluster: a linear scan of
+        // a small vector beats hashing in this per-node loop.
+        let mut acc: Vec<(Class, u32, u32)> = Vec::new();
         let mut add = |name: &str, e: &NodeEntry| {
             let fresh = ready && st.is_fresh(e, now_ms);
             for c in lg.node_counts(name) {
                 if filter.class(&c.class) {
-                    let slot = acc.entry(c.class).or_default();
-                    slot.0 += c.total;
+                    let i = match acc.iter().position(|(k, _, _)| *k == c.class) {
+                        Some(i) => i,
+                        None => {
+                            acc.push((c.class, 0, 0));
+                            acc.len() - 1
+                        }
+                    };
+                    acc[i].1 += c.total;
                     if fresh {
-                        slot.1 += c.free;
+                        acc[i].2 += c.free;
                     }
                 }
             }
@@ -882,7 +890,7 @@ impl Inventory {
         }
         let mut out: Vec<Availability> = acc
             .into_iter()
-            .map(|(c, (total, free))| Availability {
+            .map(|(c, total, free)| Availability {
                 model: st.model_name(c.model).to_owned(),
                 kind: if c.mig {
                     DeviceKind::Mig

@@ -44,6 +44,8 @@
 //! take only the mutex.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+
+use rustc_hash::FxHashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -129,7 +131,9 @@ struct FreeIndex {
     synced: Option<(u64, u64)>,
     /// Nodes whose holdings changed since their counts were computed.
     dirty: HashSet<Arc<str>>,
-    nodes: HashMap<Arc<str>, Vec<ClassCount>>,
+    /// Looked up once per node by every availability summary: FxHash, not SipHash
+    /// (node names come from authenticated agents, not from the open internet).
+    nodes: FxHashMap<Arc<str>, Vec<ClassCount>>,
     sets: HashMap<Class, BTreeSet<(u32, Arc<str>)>>,
 }
 
