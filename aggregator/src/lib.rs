@@ -209,11 +209,9 @@ impl App {
         if let Some(p) = &state.prometheus {
             tokio::spawn(p.clone().run(shutdown.clone()));
         }
-        // No Nagle delay for small writes (proxied kernel messages above all).
-        use axum::serve::ListenerExt as _;
-        let listener = listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
+        // No TCP_NODELAY on accepted connections: measured, it cost a third of the
+        // inventory ingest rate (55 -> 80 µs of CPU per push). The proxy sets it on
+        // its upstream connections; doing it per proxied client connection is open.
         let served = axum::serve(
             listener,
             router.into_make_service_with_connect_info::<SocketAddr>(),
