@@ -221,25 +221,25 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A body that could not be read or parsed: 413 when over the limit, else 400.
+fn body_rejection(status: StatusCode, text: String) -> ApiError {
+    ApiError(match status {
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            Error::TooLarge(format!("request body over {MAX_BODY} bytes"))
+        }
+        _ => Error::BadRequest(text),
+    })
+}
+
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
-        ApiError(match r.status() {
-            StatusCode::PAYLOAD_TOO_LARGE => {
-                Error::TooLarge(format!("request body over {MAX_BODY} bytes"))
-            }
-            _ => Error::BadRequest(r.body_text()),
-        })
+        body_rejection(r.status(), r.body_text())
     }
 }
 
 impl From<BytesRejection> for ApiError {
     fn from(r: BytesRejection) -> Self {
-        ApiError(match r.status() {
-            StatusCode::PAYLOAD_TOO_LARGE => {
-                Error::TooLarge(format!("request body over {MAX_BODY} bytes"))
-            }
-            _ => Error::BadRequest(r.body_text()),
-        })
+        body_rejection(r.status(), r.body_text())
     }
 }
 
