@@ -5,6 +5,7 @@ use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use kcloud_testsupport::free_port;
 use serde_json::json;
 
 struct Aggregator {
@@ -17,14 +18,6 @@ impl Drop for Aggregator {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 async fn start(data: &std::path::Path, envs: &[(&str, &str)]) -> Aggregator {

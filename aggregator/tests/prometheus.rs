@@ -4,28 +4,11 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use kcloud_testsupport::{free_port, require_tool};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 const ADMIN_PW: &str = "admin-password-for-tests";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn require_tool(name: &str) -> std::path::PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!("{name} not found on PATH: run scripts/test.sh, which installs it")
-        })
-}
 
 struct Killed(Child);
 

@@ -1,28 +1,12 @@
 //! Helpers for tests that run the real `kcloud-agent` binary and real tools.
 #![allow(dead_code)] // each test file uses a different subset
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A port nobody listens on right now.
-pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
-/// The path of a tool the test needs. A missing tool fails the test: `scripts/test.sh`
-/// installs it; it is never silently skipped.
-pub fn require_tool(name: &str) -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!("{name} not found on PATH: run scripts/test.sh, which installs it")
-        })
-}
+pub use kcloud_testsupport::{free_port, require_tool};
 
 /// A child process killed when the test ends, however it ends.
 pub struct Proc {

@@ -5,5 +5,7 @@
 //! `nvml-wrapper` code path on machines without a GPU.
 
 pub mod fake_nvml;
+pub mod tools;
 
 pub use fake_nvml::{FakeGpu, FakeMig, FakeNvml, FakeProc, FakeSpec};
+pub use tools::{free_port, require_tool};
