@@ -35,6 +35,12 @@ if ! command -v jupyter-lab >/dev/null; then
   }
 fi
 
+# code-server: the IDE-profile end-to-end test starts VS Code in the browser.
+if ! command -v code-server >/dev/null; then
+  echo "==> installing: code-server (npm)"
+  ./scripts/install-code-server.sh
+fi
+
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -139,6 +139,9 @@ pub struct Settings {
     /// Which images servers may ask for.
     #[serde(default)]
     pub images: Images,
+    /// IDE profiles by name, added to (or replacing) the built-in `jupyterlab`,
+    /// `code-server` and `custom`.
+    pub profiles: BTreeMap<String, crate::profile::Profile>,
 }
 
 /// The image allow-list (`[images]`). The local provisioner records images but runs
@@ -220,6 +223,25 @@ impl Settings {
         if s.presets.is_empty() {
             s.presets = default_presets();
         }
+        let mut profiles = crate::profile::builtin();
+        profiles.append(&mut s.profiles);
+        for (name, p) in &profiles {
+            crate::provisioner::validate_server_name(name)
+                .map_err(|_| Error::Config(format!("profile {name:?}: not a DNS-1123 label")))?;
+            if p.port == 0 {
+                return Err(Error::Config(format!("profile {name:?}: port must be > 0")));
+            }
+            if p.command.is_none()
+                && !p.user_command
+                && p.auth != crate::profile::IdeAuth::JupyterToken
+            {
+                return Err(Error::Config(format!(
+                    "profile {name:?}: without a command it runs JupyterLab, whose auth is \
+                     the token (auth = \"jupyter_token\")"
+                )));
+            }
+        }
+        s.profiles = profiles;
         for (name, p) in &s.presets {
             if p.cpu_millis == 0 || p.memory_bytes < (64 << 20) {
                 return Err(Error::Config(format!(

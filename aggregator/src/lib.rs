@@ -11,6 +11,7 @@ pub mod embedded_agent;
 pub mod inventory;
 pub mod ledger;
 pub mod metrics;
+pub mod profile;
 pub mod prometheus;
 pub mod provisioner;
 pub mod proxy;

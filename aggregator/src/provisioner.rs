@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::ledger::Holder;
+use crate::profile::RunProfile;
 use crate::{Error, Result};
 
 /// Where a server is in its life.
@@ -76,6 +77,19 @@ pub struct Launch {
     pub command: Option<Vec<String>>,
     pub args: Vec<String>,
     pub env: BTreeMap<String, String>,
+    /// The IDE profile it runs; absent in records from before profiles.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<RunProfile>,
+}
+
+impl Launch {
+    /// The server's profile (records from before profiles: JupyterLab, or `custom`
+    /// with their own command).
+    pub fn run_profile(&self) -> RunProfile {
+        self.profile
+            .clone()
+            .unwrap_or_else(|| RunProfile::legacy(self.command.is_some()))
+    }
 }
 
 /// A server to create, validated and with its devices reserved.
@@ -92,18 +106,24 @@ pub struct ServerSpec {
     pub launch: Launch,
 }
 
-/// Where the proxy reaches a running server, and the token it presents there.
+/// Where the proxy reaches a running server, and how it talks to it.
 #[derive(Clone)]
 pub struct Upstream {
     pub addr: SocketAddr,
-    pub token: Arc<str>,
+    /// Presented as `Authorization: token ...` (JupyterLab); `None` for IDEs whose own
+    /// auth is off behind the proxy.
+    pub token: Option<Arc<str>>,
+    /// The prefix the proxy removes before forwarding (`/user/{user}/{server}`), for
+    /// IDEs served at `/`.
+    pub strip_prefix: Option<Arc<str>>,
 }
 
 impl fmt::Debug for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Upstream")
             .field("addr", &self.addr)
-            .field("token", &"<redacted>")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("strip_prefix", &self.strip_prefix)
             .finish()
     }
 }

@@ -303,9 +303,11 @@ fn upstream_headers(client: &HeaderMap, upstream: &Upstream) -> Result<HeaderMap
     if let Some(c) = forwarded_cookies(client) {
         h.insert(header::COOKIE, c);
     }
-    let token = HeaderValue::from_str(&format!("token {}", upstream.token))
-        .map_err(|_| Error::Internal("server token is not a valid header value".into()))?;
-    h.insert(header::AUTHORIZATION, token);
+    if let Some(token) = &upstream.token {
+        let token = HeaderValue::from_str(&format!("token {token}"))
+            .map_err(|_| Error::Internal("server token is not a valid header value".into()))?;
+        h.insert(header::AUTHORIZATION, token);
+    }
     Ok(h)
 }
 
@@ -332,6 +334,33 @@ fn downstream_headers(headers: &mut HeaderMap) {
     }
 }
 
+/// The path and query to request upstream: as the client sent it, or without the
+/// `/user/{user}/{server}` prefix for IDEs served at `/`.
+fn upstream_path<'a>(uri: &'a axum::http::Uri, upstream: &Upstream) -> std::borrow::Cow<'a, str> {
+    let full = uri.path_and_query().map_or("/", |p| p.as_str());
+    match upstream
+        .strip_prefix
+        .as_deref()
+        .and_then(|p| full.strip_prefix(p))
+    {
+        Some(rest) if rest.starts_with('/') => rest.into(),
+        _ => full.into(),
+    }
+}
+
+/// A redirect to an absolute path from an IDE served at `/` points under its prefix.
+fn reprefix_location(headers: &mut HeaderMap, prefix: &str) {
+    let Some(to) = headers.get(header::LOCATION).and_then(|v| v.to_str().ok()) else {
+        return;
+    };
+    if to.starts_with('/')
+        && !to.starts_with("//")
+        && let Ok(v) = HeaderValue::from_str(&format!("{prefix}{to}"))
+    {
+        headers.insert(header::LOCATION, v);
+    }
+}
+
 /// Forwards one HTTP request; the bodies stream through without buffering.
 async fn http_proxy(
     client: &HttpClient,
@@ -339,7 +368,7 @@ async fn http_proxy(
     upstream: &Upstream,
 ) -> Result<Response, Error> {
     let (parts, body) = req.into_parts();
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let path = upstream_path(&parts.uri, upstream);
     let mut out = axum::http::Request::builder()
         .method(parts.method.clone())
         .uri(format!("http://{}{path}", upstream.addr))
@@ -352,6 +381,9 @@ async fn http_proxy(
     })?;
     let (mut parts, body) = resp.into_parts();
     downstream_headers(&mut parts.headers);
+    if let Some(prefix) = &upstream.strip_prefix {
+        reprefix_location(&mut parts.headers, prefix);
+    }
     Ok(Response::from_parts(parts, Body::new(body)))
 }
 
@@ -368,8 +400,8 @@ async fn websocket_proxy(
         Ok(u) => u,
         Err(rejection) => return Ok(rejection.into_response()),
     };
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let (server_ws, protocol) = match connect_upstream(&upstream, path, &parts.headers).await {
+    let path = upstream_path(&parts.uri, &upstream);
+    let (server_ws, protocol) = match connect_upstream(&upstream, &path, &parts.headers).await {
         Ok(c) => c,
         Err(Refused::Status(resp)) => return Ok(resp),
         Err(Refused::Error(e)) => return Err(e),
@@ -414,9 +446,11 @@ async fn connect_upstream(
         .into_client_request()
         .map_err(|e| Refused::Error(Error::BadRequest(format!("bad websocket path: {e}"))))?;
     let h = req.headers_mut();
-    let token = HeaderValue::from_str(&format!("token {}", upstream.token))
-        .map_err(|_| Refused::Error(Error::Internal("bad server token".into())))?;
-    h.insert(header::AUTHORIZATION, token);
+    if let Some(token) = &upstream.token {
+        let token = HeaderValue::from_str(&format!("token {token}"))
+            .map_err(|_| Refused::Error(Error::Internal("bad server token".into())))?;
+        h.insert(header::AUTHORIZATION, token);
+    }
     if let Some(c) = forwarded_cookies(client_headers) {
         h.insert(header::COOKIE, c);
     }
@@ -577,8 +611,53 @@ mod tests {
     fn upstream(addr: SocketAddr) -> Upstream {
         Upstream {
             addr,
-            token: Arc::from("server-token"),
+            token: Some(Arc::from("server-token")),
+            strip_prefix: None,
         }
+    }
+
+    #[test]
+    fn prefixes_are_stripped_for_ides_served_at_the_root() {
+        let mut up = upstream("127.0.0.1:1".parse().unwrap());
+        let uri = |s: &str| s.parse::<axum::http::Uri>().unwrap();
+        assert_eq!(
+            upstream_path(&uri("/user/a/s/static/x.js?v=1"), &up),
+            "/user/a/s/static/x.js?v=1"
+        );
+        up.strip_prefix = Some(Arc::from("/user/a/s"));
+        assert_eq!(
+            upstream_path(&uri("/user/a/s/static/x.js?v=1"), &up),
+            "/static/x.js?v=1"
+        );
+        assert_eq!(upstream_path(&uri("/user/a/s/"), &up), "/");
+        assert_eq!(
+            upstream_path(&uri("/user/a/s/?folder=/x"), &up),
+            "/?folder=/x"
+        );
+        // Only a whole path segment counts: `/user/a/sx` is another server.
+        assert_eq!(upstream_path(&uri("/user/a/sx/y"), &up), "/user/a/sx/y");
+    }
+
+    #[test]
+    fn absolute_redirects_of_stripped_ides_stay_under_their_prefix() {
+        for (from, to) in [
+            ("/login", "/user/a/s/login"),
+            ("./?folder=/x", "./?folder=/x"),
+            ("//evil.example/", "//evil.example/"),
+            ("https://elsewhere/", "https://elsewhere/"),
+        ] {
+            let mut h = headers(&[("location", from)]);
+            reprefix_location(&mut h, "/user/a/s");
+            assert_eq!(h["location"], to);
+        }
+    }
+
+    #[test]
+    fn ides_without_a_token_get_no_authorization_header() {
+        let mut up = upstream("127.0.0.1:1".parse().unwrap());
+        up.token = None;
+        let h = upstream_headers(&headers(&[("authorization", "Bearer kc")]), &up).unwrap();
+        assert!(!h.contains_key("authorization"));
     }
 
     #[test]

@@ -1689,6 +1689,7 @@ mod tests {
                 command: None,
                 args: vec!["--debug".into()],
                 env: [("A".to_owned(), "1".to_owned())].into(),
+                profile: Some(crate::profile::RunProfile::legacy(false)),
             },
             port: Some(40000),
             pid: None,

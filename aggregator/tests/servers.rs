@@ -374,6 +374,7 @@ async fn a_real_jupyterlab_on_a_mig_instance_through_the_proxy() {
         .upstream
         .unwrap()
         .token
+        .expect("JupyterLab has a token")
         .to_string();
 
     // Through the proxy: the owner and admins; nobody else learns it exists.
@@ -688,6 +689,116 @@ async fn a_real_jupyterlab_on_a_mig_instance_through_the_proxy() {
 }
 
 /// Servers that are `sleep`: cheap, never answer, fine for races and rules.
+/// The `code-server` profile (VS Code in the browser, npm package `code-server`): served
+/// at `/` behind the proxy, which strips `/user/{user}/{server}`; its own auth off, the
+/// proxy's on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn code_server_through_the_proxy() {
+    kcloud_testsupport::require_tool("code-server");
+    let _one = JUPYTER.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let app = App::start(&dir.path().join("data"), &[]).await;
+    let (_admin, alice, bob) = app.users().await;
+    let profiles = app
+        .call(Method::GET, "/api/v1/profiles", Some(&alice), None)
+        .await;
+    assert_eq!(profiles.body["code-server"]["base_url"], "strip");
+    for (body, needle) in [
+        (json!({"name": "x", "profile": "emacs"}), "does not exist"),
+        (
+            json!({"name": "x", "profile": "code-server", "command": ["sh"]}),
+            "custom",
+        ),
+        (json!({"name": "x", "profile": "custom"}), "give `command`"),
+    ] {
+        let r = app
+            .call(
+                Method::POST,
+                "/api/v1/users/alice/servers",
+                Some(&alice),
+                Some(body),
+            )
+            .await;
+        assert_error(&r, StatusCode::BAD_REQUEST, needle);
+    }
+    let uuid = app.free_migs(&alice).await.remove(0);
+    let r = app
+        .call(
+            Method::POST,
+            "/api/v1/users/alice/servers",
+            Some(&alice),
+            Some(json!({"name": "vscode", "profile": "code-server", "devices": [uuid]})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    assert_eq!(r.body["profile"], "code-server");
+    app.wait_status(
+        &alice,
+        "/api/v1/users/alice/servers/vscode",
+        "running",
+        Duration::from_secs(90),
+    )
+    .await;
+
+    // Its page through the proxy: a relative redirect to the folder, then the
+    // workbench, whose scripts and styles load from under the same prefix.
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let get = |path: String, token: &str| {
+        client
+            .get(format!("{}{path}", app.base))
+            .bearer_auth(token)
+            .send()
+    };
+    let r = get("/user/alice/vscode/".into(), &alice).await.unwrap();
+    assert_eq!(r.status(), StatusCode::FOUND);
+    let to = r.headers()["location"].to_str().unwrap().to_owned();
+    assert!(to.starts_with("./?folder="), "{to}");
+    let r = get(format!("/user/alice/vscode/{}", &to[2..]), &alice)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let html = r.text().await.unwrap();
+    let script = html
+        .split("src=\"")
+        .skip(1)
+        .filter_map(|s| s.split('"').next())
+        .find(|s| s.ends_with("workbench.js"))
+        .unwrap_or_else(|| panic!("no workbench script in {html}"));
+    assert!(!script.starts_with('/'), "relative asset URLs: {script}");
+    let r = get(format!("/user/alice/vscode/{script}"), &alice)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(
+        r.bytes().await.unwrap().len() > 10_000,
+        "the workbench script"
+    );
+
+    // Its auth is the proxy's: no credentials, or another user, get nothing.
+    let r = client
+        .get(format!("{}/user/alice/vscode/", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = get("/user/alice/vscode/".into(), &bob).await.unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+
+    let r = app
+        .call(
+            Method::DELETE,
+            "/api/v1/users/alice/servers/vscode",
+            Some(&alice),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{:?}", r.body);
+    assert!(app.free_migs(&alice).await.contains(&uuid), "device freed");
+}
+
 fn sleeper(name: &str, devices: &[&str]) -> Value {
     json!({"name": name, "devices": devices, "cpu": "500m", "memory": "1Gi",
            "command": ["sleep", "600"]})

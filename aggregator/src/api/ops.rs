@@ -1,4 +1,4 @@
-//! Health, readiness, metrics and the server presets.
+//! Health, readiness, metrics, and the server presets and IDE profiles.
 
 use std::collections::BTreeMap;
 
@@ -11,6 +11,7 @@ use utoipa_axum::routes;
 
 use super::{AppState, Caller, ErrorBody};
 use crate::config::Preset;
+use crate::profile::Profile;
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -18,6 +19,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(readyz))
         .routes(routes!(metrics))
         .routes(routes!(presets))
+        .routes(routes!(profiles))
 }
 
 /// The process is alive.
@@ -50,4 +52,12 @@ async fn metrics(State(s): State<AppState>) -> Response {
     security(("bearer" = []), ("cookie" = [])))]
 async fn presets(State(s): State<AppState>, _caller: Caller) -> Json<BTreeMap<String, Preset>> {
     Json(s.settings.presets.clone())
+}
+
+/// IDE profiles users can pick (`profile` when creating a server).
+#[utoipa::path(get, path = "/api/v1/profiles", tag = "servers",
+    responses((status = 200, body = BTreeMap<String, Profile>), (status = 401, body = ErrorBody)),
+    security(("bearer" = []), ("cookie" = [])))]
+async fn profiles(State(s): State<AppState>, _caller: Caller) -> Json<BTreeMap<String, Profile>> {
+    Json(s.settings.profiles.clone())
 }

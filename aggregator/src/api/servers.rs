@@ -19,6 +19,7 @@ use utoipa_axum::routes;
 use super::{ApiError, ApiJson, ApiPath, ApiQuery, AppState, Caller, ClientAddr, ErrorBody};
 use crate::config::Settings;
 use crate::ledger::{DeviceRequest, Holder, MAX_DEVICES_PER_REQUEST};
+use crate::profile::{CUSTOM_PROFILE, DEFAULT_PROFILE, RunProfile};
 use crate::provisioner::{
     Launch, Server, ServerEvent, ServerSpec, ServerStatus, validate_server_name,
 };
@@ -77,10 +78,13 @@ pub struct CreateServer {
     /// `GPU-...` / `MIG-...` UUIDs, all on one node.
     pub devices: Option<Vec<String>>,
     pub gpu_request: Option<GpuRequest>,
-    /// Checked against the `[images]` allow-list; default from config.
+    /// The IDE profile (`GET /api/v1/profiles`): `jupyterlab` (default), `code-server`,
+    /// `custom` (the default when `command` is given), or one from config.
+    pub profile: Option<String>,
+    /// Checked against the `[images]` allow-list; default: the profile's, else config's.
     pub image: Option<String>,
-    /// Program and its arguments instead of JupyterLab; `{port}` and `{base_url}` are
-    /// replaced (also given as `KCLOUD_PORT` and `KCLOUD_BASE_URL`).
+    /// `custom` profile: the program and its arguments; `{port}`, `{base_url}` and
+    /// `{ip}` are replaced (also given as `KCLOUD_PORT` and `KCLOUD_BASE_URL`).
     pub command: Option<Vec<String>>,
     /// Appended to the command line (JupyterLab's by default).
     pub args: Option<Vec<String>>,
@@ -98,6 +102,8 @@ pub struct ServerView {
     pub status: ServerStatus,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Its IDE profile.
+    pub profile: String,
     /// Devices it was given; a failed server no longer holds them.
     pub devices: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -121,12 +127,16 @@ pub struct ServerView {
 impl From<Server> for ServerView {
     fn from(s: Server) -> Self {
         let url = s.url();
-        let Launch { command, args, env } = s.launch;
+        let profile = s.launch.run_profile().name;
+        let Launch {
+            command, args, env, ..
+        } = s.launch;
         ServerView {
             name: s.name,
             owner: s.owner,
             status: s.status,
             reason: s.reason,
+            profile,
             devices: s.devices,
             node: s.node,
             cpu_millis: s.cpu_millis,
@@ -217,8 +227,38 @@ fn validate(settings: &Settings, req: CreateServer) -> Result<Plan, Error> {
         (None, Some(g)) => Some(gpu_request(g)?),
         (None, None) => None,
     };
+    let profile_name = match (&req.profile, &req.command) {
+        (Some(p), _) => p.clone(),
+        (None, Some(_)) => CUSTOM_PROFILE.to_owned(),
+        (None, None) => DEFAULT_PROFILE.to_owned(),
+    };
+    let profile = settings.profiles.get(&profile_name).ok_or_else(|| {
+        let names: Vec<&str> = settings.profiles.keys().map(String::as_str).collect();
+        bad(format!(
+            "profile {profile_name:?} does not exist; profiles: {}",
+            names.join(", ")
+        ))
+    })?;
+    let command = match (profile.user_command, req.command) {
+        (true, None) => {
+            return Err(bad(format!(
+                "profile {profile_name:?} runs your own program: give `command`"
+            )));
+        }
+        (true, Some(c)) => Some(c),
+        (false, Some(_)) => {
+            return Err(bad(format!(
+                "profile {profile_name:?} runs its own program; use the `custom` profile for \
+                 a command of your own"
+            )));
+        }
+        (false, None) => profile.command.clone(),
+    };
     let image = match req.image {
-        None => settings.images.default.clone(),
+        None => profile
+            .image
+            .clone()
+            .or_else(|| settings.images.default.clone()),
         Some(image) => {
             let ok_chars = image
                 .bytes()
@@ -240,9 +280,10 @@ fn validate(settings: &Settings, req: CreateServer) -> Result<Plan, Error> {
         }
     };
     let launch = Launch {
-        command: req.command,
+        command,
         args: req.args.unwrap_or_default(),
         env: req.env.unwrap_or_default(),
+        profile: Some(RunProfile::from_profile(&profile_name, profile)),
     };
     validate_launch(&launch)?;
     Ok(Plan {
@@ -354,7 +395,11 @@ fn validate_launch(l: &Launch) -> Result<(), Error> {
                 "command: the first entry (the program) must not be empty",
             ));
         }
-    } else if let Some(a) = l.args.iter().find(|a| reserved_jupyter_arg(a)) {
+    } else if let Some(a) = l
+        .args
+        .iter()
+        .find(|a| l.run_profile().is_jupyter() && reserved_jupyter_arg(a))
+    {
         return Err(bad(format!(
             "args: {:?} is set by kcloud (port, base URL, address and authentication)",
             a.split('=').next().unwrap_or(a)

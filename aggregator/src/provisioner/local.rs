@@ -35,6 +35,7 @@ use super::{
     validate_server_name,
 };
 use crate::ledger::Ledger;
+use crate::profile::BaseUrl;
 use crate::proxy::{HttpClient, http_client};
 use crate::store::{ServerRow, Store, validate_user_name};
 use crate::{Error, Result, now_ms};
@@ -401,10 +402,13 @@ fn not_found(owner: &str, name: &str) -> Error {
 
 /// The API-facing view of a row; the proxy's upstream only while running.
 fn view(row: &ServerRow) -> Server {
+    let profile = row.launch.run_profile();
     let upstream = match (row.status, row.port) {
         (ServerStatus::Running, Some(port)) => Some(Upstream {
             addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
-            token: Arc::from(row.token.as_str()),
+            token: profile.is_jupyter().then(|| Arc::from(row.token.as_str())),
+            strip_prefix: (profile.base_url == BaseUrl::Strip)
+                .then(|| Arc::from(base_url(&row.owner, &row.name).trim_end_matches('/'))),
         }),
         _ => None,
     };
@@ -565,6 +569,7 @@ impl Inner {
         let fill = |s: &str| {
             s.replace("{port}", &port.to_string())
                 .replace("{base_url}", &base)
+                .replace("{ip}", "127.0.0.1")
         };
         let mut argv: Vec<String> = program.argv.iter().map(|a| fill(a)).collect();
         if program.jupyter {
@@ -602,7 +607,6 @@ impl Inner {
                 "NVIDIA_VISIBLE_DEVICES",
                 if devices.is_empty() { "none" } else { &devices },
             )
-            .env("JUPYTER_TOKEN", &row.token)
             .env("JUPYTER_RUNTIME_DIR", &runtime)
             .env("JUPYTER_CONFIG_PATH", &config)
             .env("KCLOUD_USER", &row.owner)
@@ -619,6 +623,11 @@ impl Inner {
             // Ctrl-C to the aggregator does not reach it.
             .process_group(0)
             .kill_on_drop(false);
+        if row.launch.run_profile().is_jupyter() {
+            // Only an IDE that checks the token gets it; the others run behind the
+            // proxy's auth and have no use for a secret.
+            cmd.env("JUPYTER_TOKEN", &row.token);
+        }
         let child = cmd.spawn().map_err(|source| Error::Io {
             context: format!("starting {}", argv[0]),
             source,
@@ -639,28 +648,24 @@ impl Inner {
         Ok(child)
     }
 
-    /// Whether the server answers: JupyterLab's `api/status` with 200, another program
-    /// anything but a 5xx at its base URL.
+    /// Whether the server answers its profile's readiness path with a 2xx (with no
+    /// readiness path: anything but a 5xx at its root).
     async fn probe(&self, row: &ServerRow) -> bool {
         let Some(port) = row.port else {
             return false;
         };
-        let jupyter = row.launch.command.is_none();
-        let base = base_url(&row.owner, &row.name);
-        let path = if jupyter {
-            format!("{base}api/status")
-        } else {
-            base
-        };
-        let Ok(req) = Request::get(format!("http://127.0.0.1:{port}{path}"))
-            .header(header::AUTHORIZATION, format!("token {}", row.token))
-            .body(Body::empty())
-        else {
+        let profile = row.launch.run_profile();
+        let path = profile.probe_path(&base_url(&row.owner, &row.name));
+        let mut req = Request::get(format!("http://127.0.0.1:{port}{path}"));
+        if profile.is_jupyter() {
+            req = req.header(header::AUTHORIZATION, format!("token {}", row.token));
+        }
+        let Ok(req) = req.body(Body::empty()) else {
             return false;
         };
         match tokio::time::timeout(Duration::from_secs(2), self.http.request(req)).await {
-            Ok(Ok(resp)) if jupyter => resp.status().is_success(),
-            Ok(Ok(resp)) => !resp.status().is_server_error(),
+            Ok(Ok(resp)) if profile.readiness_path.is_empty() => !resp.status().is_server_error(),
+            Ok(Ok(resp)) => resp.status().is_success(),
             _ => false,
         }
     }
@@ -1083,6 +1088,14 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
                 command: Some(command.iter().map(|c| c.to_string()).collect()),
                 args: vec![],
                 env: [("MY_VAR".to_owned(), "mine".to_owned())].into(),
+                // A stand-in for JupyterLab: checks its token, answers at its base URL.
+                profile: Some(crate::profile::RunProfile {
+                    name: "fake-lab".into(),
+                    base_url: crate::profile::BaseUrl::Pass,
+                    readiness_path: String::new(),
+                    auth: crate::profile::IdeAuth::JupyterToken,
+                    port: 8888,
+                }),
             },
         }
     }
@@ -1113,8 +1126,9 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
     }
 
     async fn get(upstream: &Upstream, path: &str) -> String {
+        let token = upstream.token.as_deref().unwrap_or_default();
         let req = Request::get(format!("http://{}{path}", upstream.addr))
-            .header(header::AUTHORIZATION, format!("token {}", upstream.token))
+            .header(header::AUTHORIZATION, format!("token {token}"))
             .body(Body::empty())
             .unwrap();
         let resp = http_client().request(req).await.unwrap();
@@ -1137,7 +1151,10 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
         let body = get(&up, "/user/alice/lab/").await;
         assert_eq!(
             body,
-            format!("MIG-a,MIG-b|MIG-a,MIG-b|token {}", up.token),
+            format!(
+                "MIG-a,MIG-b|MIG-a,MIG-b|token {}",
+                up.token.as_deref().unwrap()
+            ),
             "pinned devices and the token reach the server"
         );
         // Recorded in SQLite, token included; the logs hide the token.
@@ -1145,14 +1162,18 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
         assert_eq!(rows.len(), 1);
         assert_eq!(
             (rows[0].status, rows[0].pid, rows[0].token.as_str()),
-            (ServerStatus::Running, Some(pid), &*up.token)
+            (
+                ServerStatus::Running,
+                Some(pid),
+                up.token.as_deref().unwrap()
+            )
         );
         let logs = f.p.logs("alice", "lab", 10).await.unwrap();
         assert!(
             logs.contains("serving under /user/alice/lab/ with token <token>"),
             "{logs}"
         );
-        assert!(!logs.contains(&*up.token));
+        assert!(!logs.contains(up.token.as_deref().unwrap()));
         let kinds: Vec<String> =
             f.p.events("alice", "lab")
                 .await
