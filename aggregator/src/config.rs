@@ -142,6 +142,40 @@ pub struct Settings {
     /// IDE profiles by name, added to (or replacing) the built-in `jupyterlab`,
     /// `code-server` and `custom`.
     pub profiles: BTreeMap<String, crate::profile::Profile>,
+    /// Idle culling (`[culling]`); off unless `idle_timeout` is set.
+    pub culling: Culling,
+}
+
+/// `[culling]`: stop servers idle longer than `idle_timeout` (e.g. `"1h"`), looking
+/// every `interval` (default `"1m"`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct Culling {
+    pub idle_timeout: Option<String>,
+    pub interval: Option<String>,
+}
+
+impl Culling {
+    /// `(idle timeout, interval)` when culling is on.
+    pub fn schedule(&self) -> Result<Option<(Duration, Duration)>> {
+        let parse = |what: &str, v: &str| {
+            parse_duration(v).map_err(|e| Error::Config(format!("[culling] {what} = {v:?}: {e}")))
+        };
+        let Some(idle) = &self.idle_timeout else {
+            return Ok(None);
+        };
+        let idle = parse("idle_timeout", idle)?;
+        let every = match &self.interval {
+            Some(v) => parse("interval", v)?,
+            None => Duration::from_secs(60),
+        };
+        if idle.is_zero() || every.is_zero() {
+            return Err(Error::Config(
+                "[culling] idle_timeout and interval must be more than 0".into(),
+            ));
+        }
+        Ok(Some((idle, every)))
+    }
 }
 
 /// The image allow-list (`[images]`). The local provisioner records images but runs
@@ -242,6 +276,7 @@ impl Settings {
             }
         }
         s.profiles = profiles;
+        s.culling.schedule()?;
         for (name, p) in &s.presets {
             if p.cpu_millis == 0 || p.memory_bytes < (64 << 20) {
                 return Err(Error::Config(format!(

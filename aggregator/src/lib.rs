@@ -7,6 +7,7 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod culler;
 pub mod embedded_agent;
 pub mod inventory;
 pub mod ledger;
@@ -216,6 +217,10 @@ impl App {
         tokio::spawn(sweep_reservations(state.ledger.clone(), shutdown.clone()));
         if let Some(p) = &state.prometheus {
             tokio::spawn(p.clone().run(shutdown.clone()));
+        }
+        if let Some((idle, every)) = state.settings.culling.schedule()? {
+            tracing::info!(idle = ?idle, every = ?every, "idle culling on");
+            tokio::spawn(culler::run(state.clone(), idle, every, shutdown.clone()));
         }
         // No TCP_NODELAY on accepted connections: measured, it cost a third of the
         // inventory ingest rate (55 -> 80 µs of CPU per push). The proxy sets it on

@@ -150,6 +150,8 @@ pub struct Server {
     pub ready_at_ms: Option<u64>,
     /// Newest of creation, readiness and proxied traffic.
     pub last_activity_ms: u64,
+    /// An admin exempted it from idle culling.
+    pub cull_exempt: bool,
     /// Local shape: the process (and process group) id.
     pub pid: Option<u32>,
     /// Set while running.
@@ -216,6 +218,15 @@ pub trait Provisioner: Send + Sync {
 
     /// Records traffic to the server (cheap; persisted in batches).
     fn touch(&self, owner: &str, name: &str, at_ms: u64);
+
+    /// Exempts a server from idle culling, or ends that; `None` if there is no such
+    /// server.
+    async fn set_cull_exempt(
+        &self,
+        owner: &str,
+        name: &str,
+        exempt: bool,
+    ) -> Result<Option<Server>>;
 
     /// Stops watching and saves what is pending; servers keep running and are adopted
     /// at the next start.

@@ -97,6 +97,11 @@ const MIGRATIONS: &[&str] = &[
     ) STRICT;
     CREATE INDEX server_events_server ON server_events(server_id, id);
     "#,
+    // 3: servers an admin exempted from idle culling.
+    r#"
+    ALTER TABLE servers ADD COLUMN cull_exempt INTEGER NOT NULL DEFAULT 0
+        CHECK (cull_exempt IN (0, 1));
+    "#,
 ];
 
 /// The schema version this binary writes.
@@ -294,6 +299,8 @@ pub struct ServerRow {
     pub created_at_ms: u64,
     pub ready_at_ms: Option<u64>,
     pub last_activity_ms: u64,
+    /// An admin exempted it from idle culling.
+    pub cull_exempt: bool,
 }
 
 impl fmt::Debug for ServerRow {
@@ -713,7 +720,8 @@ impl Store {
             let inserted = conn.execute(
                 &format!(
                     "INSERT INTO servers ({SERVER_COLUMNS}) VALUES
-                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)
+                     (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
+                      ?19)
                      ON CONFLICT(owner, name) DO NOTHING"
                 ),
                 params![
@@ -735,6 +743,7 @@ impl Store {
                     to_i64(row.created_at_ms)?,
                     row.ready_at_ms.map(to_i64).transpose()?,
                     to_i64(row.last_activity_ms)?,
+                    row.cull_exempt,
                 ],
             )?;
             if inserted == 0 {
@@ -754,7 +763,8 @@ impl Store {
         self.call(move |conn| {
             conn.execute(
                 "UPDATE servers SET status = ?2, reason = ?3, port = ?4, pid = ?5,
-                    pid_start = ?6, ready_at_ms = ?7, last_activity_ms = ?8 WHERE id = ?1",
+                    pid_start = ?6, ready_at_ms = ?7, last_activity_ms = ?8, cull_exempt = ?9
+                 WHERE id = ?1",
                 params![
                     row.id,
                     row.status.as_str(),
@@ -764,6 +774,7 @@ impl Store {
                     row.pid_start.map(to_i64).transpose()?,
                     row.ready_at_ms.map(to_i64).transpose()?,
                     to_i64(row.last_activity_ms)?,
+                    row.cull_exempt,
                 ],
             )?;
             Ok(())
@@ -874,7 +885,7 @@ impl Store {
 
 const SERVER_COLUMNS: &str = "id, owner, name, status, reason, node, devices, cpu_millis, \
     memory_bytes, image, launch, port, pid, pid_start, token, created_at_ms, ready_at_ms, \
-    last_activity_ms";
+    last_activity_ms, cull_exempt";
 
 fn server_from_row(r: &Row<'_>) -> rusqlite::Result<ServerRow> {
     let bad = |i: usize, e: String| {
@@ -903,6 +914,7 @@ fn server_from_row(r: &Row<'_>) -> rusqlite::Result<ServerRow> {
         created_at_ms: get_u64(r, 15)?,
         ready_at_ms: get_opt_u64(r, 16)?,
         last_activity_ms: get_u64(r, 17)?,
+        cull_exempt: r.get(18)?,
     })
 }
 
@@ -1698,6 +1710,7 @@ mod tests {
             created_at_ms: 10,
             ready_at_ms: None,
             last_activity_ms: 10,
+            cull_exempt: false,
         }
     }
 
@@ -1721,6 +1734,7 @@ mod tests {
             pid_start: Some(99),
             ready_at_ms: Some(20),
             last_activity_ms: 20,
+            cull_exempt: true,
             ..row.clone()
         };
         store.save_server(saved.clone()).await.unwrap();

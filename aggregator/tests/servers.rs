@@ -799,6 +799,139 @@ async fn code_server_through_the_proxy() {
     assert!(app.free_migs(&alice).await.contains(&uuid), "device freed");
 }
 
+/// Idle culling: a server nobody uses is stopped and its device freed; an exempted
+/// one stays; a JupyterLab whose kernel is busy without any traffic stays until the
+/// kernel is done and then goes too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_servers_are_culled_unless_working_or_exempt() {
+    let _one = JUPYTER.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let settings = dir.path().join("kcloud.toml");
+    std::fs::write(
+        &settings,
+        "[culling]\nidle_timeout = \"4s\"\ninterval = \"200ms\"\n",
+    )
+    .unwrap();
+    let app = App::start(
+        &dir.path().join("data"),
+        &["--config", settings.to_str().unwrap()],
+    )
+    .await;
+    let (admin, alice, _bob) = app.users().await;
+    let migs = app.free_migs(&alice).await;
+    let web = |name: &str, dev: &str| {
+        json!({"name": name, "devices": [dev], "command":
+            ["python3", "-m", "http.server", "{port}", "--bind", "127.0.0.1"]})
+    };
+    let servers = "/api/v1/users/alice/servers";
+    for body in [
+        web("kept", &migs[0]),
+        web("idle", &migs[1]),
+        json!({"name": "lab", "devices": [migs[2]]}),
+    ] {
+        let r = app
+            .call(Method::POST, servers, Some(&alice), Some(body))
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    }
+    // Only an admin exempts.
+    let exempt = json!({"cull_exempt": true});
+    let r = app
+        .call(
+            Method::PATCH,
+            "/api/v1/users/alice/servers/kept",
+            Some(&alice),
+            Some(exempt.clone()),
+        )
+        .await;
+    assert_error(&r, StatusCode::FORBIDDEN, "admins");
+    let r = app
+        .call(
+            Method::PATCH,
+            "/api/v1/users/alice/servers/kept",
+            Some(&admin),
+            Some(exempt),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.body["cull_exempt"], true);
+    for name in ["kept", "lab"] {
+        app.wait_status(
+            &alice,
+            &format!("{servers}/{name}"),
+            "running",
+            Duration::from_secs(90),
+        )
+        .await;
+    }
+
+    // A kernel that works for 10 s without a word.
+    let r = app
+        .call(
+            Method::POST,
+            "/user/alice/lab/api/kernels",
+            Some(&alice),
+            Some(json!({"name": "python3"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let kernel = r.body["id"].as_str().unwrap().to_owned();
+    let mut k = Kernel::open(&app, &alice, &kernel).await;
+    let busy = tokio::spawn(async move {
+        let out = k.execute("import time; time.sleep(10); 1+1").await;
+        (k, out)
+    });
+
+    let exists = |name: &'static str| {
+        let app = &app;
+        let alice = &alice;
+        async move {
+            app.call(
+                Method::GET,
+                &format!("/api/v1/users/alice/servers/{name}"),
+                Some(alice),
+                None,
+            )
+            .await
+            .status
+                == StatusCode::OK
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while exists("idle").await {
+        assert!(Instant::now() < deadline, "the idle server was not culled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(app.free_migs(&alice).await.contains(&migs[1]), "freed");
+    let (k, out) = busy.await.unwrap();
+    assert_eq!(out, "2");
+    assert!(exists("lab").await, "a busy kernel kept its JupyterLab");
+    drop(k);
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while exists("lab").await {
+        assert!(
+            Instant::now() < deadline,
+            "the idle JupyterLab was not culled"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(app.free_migs(&alice).await.contains(&migs[2]), "freed");
+    assert!(exists("kept").await, "the exempt server stays");
+    let culled: Vec<String> = app
+        .state
+        .store()
+        .audit_log(100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.action == "server_cull" && e.actor == "system")
+        .map(|e| e.target)
+        .collect();
+    assert_eq!(culled.len(), 2, "{culled:?}");
+    assert!(culled.contains(&"alice/idle".to_owned()) && culled.contains(&"alice/lab".to_owned()));
+}
+
 fn sleeper(name: &str, devices: &[&str]) -> Value {
     json!({"name": name, "devices": devices, "cpu": "500m", "memory": "1Gi",
            "command": ["sleep", "600"]})

@@ -39,7 +39,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(list_all_servers))
         .routes(routes!(list_servers, create_server))
-        .routes(routes!(get_server, delete_server))
+        .routes(routes!(get_server, delete_server, patch_server))
         .routes(routes!(server_logs))
         .routes(routes!(server_events))
 }
@@ -120,6 +120,8 @@ pub struct ServerView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ready_at_ms: Option<u64>,
     pub last_activity_ms: u64,
+    /// An admin exempted it from idle culling.
+    pub cull_exempt: bool,
     /// Open this in the browser: `/user/{owner}/{name}/`.
     pub url: String,
 }
@@ -148,6 +150,7 @@ impl From<Server> for ServerView {
             created_at_ms: s.created_at_ms,
             ready_at_ms: s.ready_at_ms,
             last_activity_ms: s.last_activity_ms,
+            cull_exempt: s.cull_exempt,
             url,
         }
     }
@@ -737,6 +740,53 @@ async fn delete_server(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// What an admin may change on a running server.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PatchServer {
+    /// Exempt it from idle culling (admins only).
+    pub cull_exempt: Option<bool>,
+}
+
+/// Changes a server's settings: today, whether idle culling may stop it (admins only).
+#[utoipa::path(patch, path = "/api/v1/users/{user}/servers/{server}", tag = "servers",
+    params(("user" = String, Path), ("server" = String, Path)), request_body = PatchServer,
+    responses((status = 200, body = ServerView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = []), ("cookie" = [])))]
+async fn patch_server(
+    State(s): State<AppState>,
+    caller: Caller,
+    ClientAddr(client): ClientAddr,
+    ApiPath((user, name)): ApiPath<(String, String)>,
+    ApiJson(req): ApiJson<PatchServer>,
+) -> Result<Json<ServerView>, ApiError> {
+    find(&s, &caller, &user, &name)?;
+    let Some(exempt) = req.cull_exempt else {
+        return Ok(Json(find(&s, &caller, &user, &name)?.into()));
+    };
+    if !caller.is_admin() {
+        return Err(
+            Error::Forbidden("only admins can exempt servers from idle culling".into()).into(),
+        );
+    }
+    let server = s
+        .provisioner
+        .set_cull_exempt(&user, &name, exempt)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("no server {user}/{name}")))?;
+    audit(
+        &s,
+        &caller,
+        client,
+        "server_cull_exempt",
+        format!("{user}/{name}"),
+        exempt.to_string(),
+    )
+    .await?;
+    Ok(Json(server.into()))
+}
+
 /// The server's output (JupyterLab's log), newest lines last; its token is removed.
 #[utoipa::path(get, path = "/api/v1/users/{user}/servers/{server}/logs", tag = "servers",
     params(("user" = String, Path), ("server" = String, Path), LogQuery),
@@ -976,6 +1026,7 @@ mod tests {
             created_at_ms: 0,
             ready_at_ms: None,
             last_activity_ms: 0,
+            cull_exempt: false,
             pid: None,
             upstream: None,
         };

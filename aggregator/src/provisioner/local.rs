@@ -234,6 +234,7 @@ impl Provisioner for LocalProvisioner {
             created_at_ms: now,
             ready_at_ms: None,
             last_activity_ms: now,
+            cull_exempt: false,
         };
         let key = (row.owner.clone(), row.name.clone());
         {
@@ -376,6 +377,24 @@ impl Provisioner for LocalProvisioner {
         }
     }
 
+    async fn set_cull_exempt(
+        &self,
+        owner: &str,
+        name: &str,
+        exempt: bool,
+    ) -> Result<Option<Server>> {
+        let row = {
+            let mut servers = self.inner.lock();
+            let Some(e) = servers.get_mut(&(owner.to_owned(), name.to_owned())) else {
+                return Ok(None);
+            };
+            e.row.cull_exempt = exempt;
+            e.row.clone()
+        };
+        self.inner.store.save_server(row.clone()).await?;
+        Ok(Some(view(&row)))
+    }
+
     async fn shutdown(&self) {
         self.inner.shutdown.cancel();
         let unsaved: Vec<(String, u64)> = self
@@ -427,6 +446,7 @@ fn view(row: &ServerRow) -> Server {
         created_at_ms: row.created_at_ms,
         ready_at_ms: row.ready_at_ms,
         last_activity_ms: row.last_activity_ms,
+        cull_exempt: row.cull_exempt,
         pid: row.pid,
         upstream,
     }
