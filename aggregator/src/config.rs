@@ -422,7 +422,10 @@ mod tests {
 
         let d = Settings::load(None).unwrap().kubernetes;
         assert_eq!(d.pinning.mode, PinningMode::Env);
-        assert_eq!(d.pinning.tolerations[0].key.as_deref(), Some("nvidia.com/gpu"));
+        assert_eq!(
+            d.pinning.tolerations[0].key.as_deref(),
+            Some("nvidia.com/gpu")
+        );
 
         for bad in [
             "[kubernetes.pinning]\nmode = \"cuda\"\n",
