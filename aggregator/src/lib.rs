@@ -96,6 +96,17 @@ pub struct App {
 /// Opens the data dir and database, bootstraps the first admin, and builds the state
 /// and router. Separate from `serve` so tests can hold the state.
 pub async fn build(config: &Config) -> Result<App> {
+    // First, so that a missing cluster stops the start before anything is written.
+    let kube_client = match config.provisioner {
+        ProvisionerKind::Local => None,
+        // In a pod: its service account; elsewhere: the kubeconfig's context.
+        ProvisionerKind::Kubernetes => Some(kube::Client::try_default().await.map_err(|e| {
+            Error::Config(format!(
+                "--provisioner kubernetes: no Kubernetes client configuration \
+                 (neither in-cluster nor a kubeconfig): {e}"
+            ))
+        })?),
+    };
     let data_dir = &config.data_dir;
     auth::create_private_dir(data_dir)?;
     let settings = Arc::new(Settings::load(config.config.as_deref())?);
@@ -141,13 +152,9 @@ pub async fn build(config: &Config) -> Result<App> {
             },
         )),
         ProvisionerKind::Kubernetes => {
-            // In a pod: its service account; elsewhere: the kubeconfig's context.
-            let client = kube::Client::try_default().await.map_err(|e| {
-                Error::Config(format!(
-                    "--provisioner kubernetes: no Kubernetes client configuration \
-                     (neither in-cluster nor a kubeconfig): {e}"
-                ))
-            })?;
+            let Some(client) = kube_client else {
+                return Err(Error::Internal("no Kubernetes client".into()));
+            };
             let namespace = config
                 .namespace
                 .clone()
