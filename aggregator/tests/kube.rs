@@ -90,6 +90,7 @@ fn objects(mode: PinningMode) -> Vec<(String, Value)> {
             &pod_name(&s.owner, &s.name),
             "6d9f8a3e-0000-4000-8000-000000000001",
         );
+        let label = format!("{mode:?}-{label}");
         out.push((format!("{label}-pod"), to_json(&pod)));
         out.push((
             format!("{label}-secret"),
@@ -152,14 +153,24 @@ fn objects_are_valid_for_the_oldest_and_newest_kubernetes() {
     assert_eq!(env.len(), 6, "pods and Secrets, no claims in env mode");
     assert_eq!(dra.len(), 8, "claims for the two servers with devices");
     // resource.k8s.io/v1 is Kubernetes 1.34 and later: dra mode needs it (DESIGN.md).
-    for (version, objs) in [
-        ("1.33.0", &env),
-        ("1.34.0", &dra),
-        (newest.as_str(), &env),
-        (newest.as_str(), &dra),
-    ] {
+    let all: Vec<_> = env.iter().chain(&dra).cloned().collect();
+    let mut seen = 0;
+    for (version, objs) in [("1.33.0", &env), ("1.34.0", &dra), (newest.as_str(), &all)] {
         let (ok, out) = validate(dir.path(), version, objs);
         assert!(ok, "Kubernetes {version}:\n{out}");
+        // An unknown kind is only a warning to the tool: it must not happen here.
+        assert!(!out.contains("WARN"), "Kubernetes {version}:\n{out}");
+        assert_eq!(
+            out.matches(" passed for resource ").count(),
+            objs.len(),
+            "{out}"
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            seen + objs.len(),
+            "one file per object"
+        );
+        seen += objs.len();
     }
 
     // The validator does reject: an unknown field (strict) and a wrong type.
@@ -984,7 +995,11 @@ async fn recover_rebuilds_servers_cleans_orphans_and_follows_the_watch() {
     };
     assert_eq!(ledger.holder(GPU), Some(holder));
 
-    fake.await.expect("scenario");
+    // A guard against a hang if the provisioner stops short, not a timing assertion.
+    tokio::time::timeout(Duration::from_secs(60), fake)
+        .await
+        .expect("the provisioner made every expected call")
+        .expect("scenario");
     // The watch's OOM-kill reached the server; its devices went back.
     let mut failed = None;
     for _ in 0..1000 {
@@ -1084,4 +1099,75 @@ async fn logs_and_events_come_from_the_api() {
     )
     .await;
     assert!(!token.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_pod_deleted_outside_kcloud_fails_its_server_and_frees_its_devices() {
+    let ledger = empty_ledger();
+    let (p, mut fake) = provisioner(PinningMode::Env, ledger.clone());
+    let lab = pod_name("alice", "lab");
+    let fake_side = {
+        let lab = lab.clone();
+        async move {
+            let (_, _, reply) = fake.expect(Method::GET, PODS).await;
+            respond(
+                reply,
+                StatusCode::OK,
+                list("PodList", vec![pod_json(&lab, "uid-1", running())]),
+            );
+            let (_, _, reply) = fake.expect(Method::GET, SECRETS).await;
+            respond(
+                reply,
+                StatusCode::OK,
+                list("SecretList", vec![secret_json(&lab, "s3cret")]),
+            );
+            // The watch: listed running, then someone deletes it.
+            let (_, _, reply) = fake.expect(Method::GET, PODS).await;
+            respond(
+                reply,
+                StatusCode::OK,
+                list("PodList", vec![pod_json(&lab, "uid-1", running())]),
+            );
+            let (_, query, reply) = fake.expect(Method::GET, PODS).await;
+            assert!(query.contains("watch=true"), "{query}");
+            let mut terminating = pod_json(&lab, "uid-1", running());
+            terminating["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+            terminating["metadata"]["resourceVersion"] = json!("11");
+            let mut stream = Vec::new();
+            for (kind, obj) in [("MODIFIED", &terminating), ("DELETED", &terminating)] {
+                stream.extend(serde_json::to_vec(&json!({"type": kind, "object": obj})).unwrap());
+                stream.push(b'\n');
+            }
+            reply.send_response(Response::new(Body::from(stream)));
+            // It watches again from there; the test is over.
+            let (_, query, _again) = fake.expect(Method::GET, PODS).await;
+            assert!(query.contains("watch=true"), "{query}");
+        }
+    };
+    let fake = tokio::spawn(fake_side);
+    let servers = p.recover().await.unwrap();
+    assert_eq!(servers[0].status, ServerStatus::Running);
+    ledger.rebuild([(GPU.to_owned(), servers[0].holder())]);
+    // A guard against a hang if the provisioner stops short, not a timing assertion.
+    tokio::time::timeout(Duration::from_secs(60), fake)
+        .await
+        .expect("the provisioner made every expected call")
+        .expect("scenario");
+    let mut failed = None;
+    for _ in 0..1000 {
+        match p.get("alice", "lab") {
+            Some(s) if s.status == ServerStatus::Failed => {
+                failed = Some(s);
+                break;
+            }
+            _ => tokio::task::yield_now().await,
+        }
+    }
+    let failed = failed.expect("the watch marks the server failed");
+    assert_eq!(
+        failed.reason.as_deref(),
+        Some("its pod was deleted outside kcloud")
+    );
+    assert_eq!(ledger.holder(GPU), None, "devices released");
+    p.shutdown().await;
 }

@@ -720,6 +720,18 @@ pub fn observe(pod: &Pod) -> Observed {
     ob(ServerStatus::Pending, waiting, false)
 }
 
+/// The port of the server container's `http` port (the profile's), as created.
+fn server_port(pod: &Pod) -> u16 {
+    pod.spec
+        .iter()
+        .flat_map(|s| &s.containers)
+        .filter(|c| c.name == CONTAINER)
+        .flat_map(|c| c.ports.iter().flatten())
+        .find(|p| p.name.as_deref() == Some("http"))
+        .and_then(|p| u16::try_from(p.container_port).ok())
+        .unwrap_or(Profile::PORT)
+}
+
 /// The server a labelled pod stands for (status pending: see [`observe`]), or why it
 /// cannot be read.
 pub fn server_from_pod(pod: &Pod) -> Result<Server, String> {
@@ -806,8 +818,12 @@ struct Entry {
     server: Server,
     pod: String,
     token: Arc<str>,
+    /// Where the server listens in its pod.
+    port: u16,
     /// Objects are still being created: status is recorded but not acted on.
     creating: bool,
+    /// Our own delete is under way: what the pod does meanwhile changes nothing.
+    deleting: bool,
     /// The newest pod seen while creating.
     seen: Option<Pod>,
     /// kcloud's own events, beside the pod's.
@@ -889,6 +905,7 @@ impl Provisioner for KubeProvisioner {
             };
             live.insert(pod_name.clone());
             let observed = observe(&pod);
+            let port = server_port(&pod);
             let token = tokens.get(&secret_name(&pod_name)).cloned();
             let (status, reason, stop) = match (&token, observed.status) {
                 (None, s) if s != ServerStatus::Failed => (
@@ -907,7 +924,7 @@ impl Provisioner for KubeProvisioner {
             if status == ServerStatus::Running {
                 server.ready_at_ms = Some(now_ms());
                 server.upstream = observed.ip.zip(token.as_ref()).map(|(ip, t)| Upstream {
-                    addr: SocketAddr::new(ip, Profile::PORT),
+                    addr: SocketAddr::new(ip, port),
                     token: t.as_str().into(),
                 });
             }
@@ -916,7 +933,9 @@ impl Provisioner for KubeProvisioner {
                 server: server.clone(),
                 pod: pod_name,
                 token: token.unwrap_or_default().into(),
+                port,
                 creating: false,
+                deleting: false,
                 seen: None,
                 events: vec![ServerEvent {
                     at_ms,
@@ -1000,7 +1019,9 @@ impl Provisioner for KubeProvisioner {
                     },
                     pod: pod_name.clone(),
                     token: token.clone(),
+                    port: profile.port,
                     creating: true,
+                    deleting: false,
                     seen: None,
                     events: Vec::new(),
                 },
@@ -1065,6 +1086,7 @@ impl Provisioner for KubeProvisioner {
             if e.server.status != ServerStatus::Failed {
                 e.server.status = ServerStatus::Stopping;
             }
+            e.deleting = true;
             (e.pod.clone(), before)
         };
         let grace = inner.opts.stop_grace;
@@ -1075,10 +1097,11 @@ impl Provisioner for KubeProvisioner {
         .await;
         if let Err(e) = stopped {
             // Still there: it keeps its devices and its status.
-            if let Some(entry) = inner.lock().get_mut(&key)
-                && entry.server.status == ServerStatus::Stopping
-            {
-                (entry.server.status, entry.server.upstream) = before;
+            if let Some(entry) = inner.lock().get_mut(&key) {
+                entry.deleting = false;
+                if entry.server.status == ServerStatus::Stopping {
+                    (entry.server.status, entry.server.upstream) = before;
+                }
             }
             return Err(e);
         }
@@ -1437,7 +1460,7 @@ impl Inner {
                 e.seen = Some(pod);
                 return;
             }
-            if e.server.id != uid {
+            if e.server.id != uid || e.deleting {
                 return;
             }
             apply(e, observed)
@@ -1452,12 +1475,11 @@ impl Inner {
             let Some(e) = servers.get_mut(key) else {
                 return;
             };
+            // Stopping without our delete: someone else deleted the pod.
             if e.server.id != uid
                 || e.creating
-                || matches!(
-                    e.server.status,
-                    ServerStatus::Failed | ServerStatus::Stopping
-                )
+                || e.deleting
+                || e.server.status == ServerStatus::Failed
             {
                 return;
             }
@@ -1515,7 +1537,8 @@ fn apply(e: &mut Entry, o: Observed) -> Action {
                 Action::Release(s.holder())
             }
         }
-        // Being deleted: only our own delete or a failure moves it on.
+        // Being deleted by someone else (our own deletes are not observed): only its
+        // end moves it on, failed or gone.
         _ if s.status == ServerStatus::Stopping => Action::None,
         ServerStatus::Stopping => {
             s.status = ServerStatus::Stopping;
@@ -1535,7 +1558,7 @@ fn apply(e: &mut Entry, o: Observed) -> Action {
             s.status = ServerStatus::Running;
             s.reason = None;
             s.upstream = o.ip.map(|ip| Upstream {
-                addr: SocketAddr::new(ip, Profile::PORT),
+                addr: SocketAddr::new(ip, e.port),
                 token: e.token.clone(),
             });
             Action::None
