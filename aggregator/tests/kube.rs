@@ -837,6 +837,38 @@ async fn a_pod_create_that_times_out_is_deleted() {
     .await;
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_secret_create_that_times_out_rolls_back() {
+    let (p, mut fake) = provisioner(PinningMode::Env, empty_ledger());
+    let pod = pod_name("alice", "lab");
+    let fake_side = async move {
+        let (body, _, reply) = fake.expect(Method::POST, PODS).await;
+        created(reply, body, "uid-1");
+        let (_, _, unanswered) = fake.expect(Method::POST, SECRETS).await;
+        let (_, _, reply) = fake.expect(Method::DELETE, &at(PODS, &pod)).await;
+        respond(reply, StatusCode::OK, pod_json(&pod, "uid-1", json!({})));
+        // It may have been made before the answer was lost: deleted all the same.
+        let (_, _, reply) = fake
+            .expect(Method::DELETE, &at(SECRETS, &secret_name(&pod)))
+            .await;
+        respond(reply, StatusCode::OK, api_status(200, "Success"));
+        assert!(fake.handle.next_request().await.is_none());
+        drop(unanswered);
+    };
+    scenario(
+        async move {
+            let e = p.create(spec(&[GPU])).await.unwrap_err();
+            assert!(
+                matches!(&e, Error::Unavailable(m) if m.contains("in time")),
+                "{e:?}"
+            );
+            assert!(p.get("alice", "lab").is_none());
+        },
+        fake_side,
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn a_failed_pod_delete_keeps_the_server() {
     let (p, mut fake) = provisioner(PinningMode::Env, empty_ledger());
@@ -1169,5 +1201,45 @@ async fn a_pod_deleted_outside_kcloud_fails_its_server_and_frees_its_devices() {
         Some("its pod was deleted outside kcloud")
     );
     assert_eq!(ledger.holder(GPU), None, "devices released");
+    p.shutdown().await;
+}
+
+/// Against a real cluster (the kubeconfig's context, namespace `KCLOUD_NAMESPACE` or
+/// `default`): a server without devices comes up, answers, and goes.
+#[tokio::test]
+#[ignore = "needs kube context"]
+async fn a_server_runs_in_a_real_cluster() {
+    let client = kube::Client::try_default().await.expect("a kube context");
+    let namespace = std::env::var("KCLOUD_NAMESPACE").unwrap_or_else(|_| "default".into());
+    let p = KubeProvisioner::new(
+        client,
+        empty_ledger(),
+        KubeOptions {
+            namespace,
+            settings: KubernetesSettings::default(),
+            timeout: Duration::from_secs(30),
+            stop_grace: Duration::from_secs(5),
+        },
+    );
+    p.recover().await.unwrap();
+    let s = ServerSpec {
+        image: Some("quay.io/jupyter/minimal-notebook:latest".into()),
+        launch: Launch::default(),
+        ..spec(&[])
+    };
+    p.create(s).await.unwrap();
+    let mut status = ServerStatus::Pending;
+    for _ in 0..300 {
+        status = p.get("alice", "lab").unwrap().status;
+        if status != ServerStatus::Pending {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let server = p.get("alice", "lab").unwrap();
+    assert_eq!(status, ServerStatus::Running, "{:?}", server.reason);
+    assert!(server.upstream.is_some());
+    assert!(!p.events("alice", "lab").await.unwrap().is_empty());
+    p.delete("alice", "lab").await.unwrap().unwrap();
     p.shutdown().await;
 }
