@@ -1243,3 +1243,306 @@ async fn a_server_runs_in_a_real_cluster() {
     p.delete("alice", "lab").await.unwrap().unwrap();
     p.shutdown().await;
 }
+
+// ---------------------------------------------------------------------------------
+// The servers API on the cluster shape
+
+impl Fake {
+    /// The next request that is not a watch; watches are parked, never answered.
+    async fn next_call(&mut self, parked: &mut Vec<Reply>) -> (Method, String, Value, Reply) {
+        loop {
+            let (req, reply) = self.handle.next_request().await.expect("a call");
+            if req.uri().query().is_some_and(|q| q.contains("watch=true")) {
+                parked.push(reply);
+                continue;
+            }
+            let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+            let bytes = req.into_body().collect_bytes().await.unwrap();
+            let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            return (method, path, body, reply);
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_servers_api_on_the_cluster_shape() {
+    use tokio::sync::oneshot;
+    let dir = tempfile::tempdir().unwrap();
+    let config = <kcloud_aggregator::config::Config as clap::Parser>::try_parse_from([
+        "kcloud-aggregator",
+        "--data-dir",
+        dir.path().join("data").to_str().unwrap(),
+        "--bootstrap-admin-user",
+        "admin",
+        "--bootstrap-admin-password",
+        "admin-password-for-tests",
+        "--simulate",
+        "dgx-a100-mig",
+        "--agent-heartbeat",
+        "1s",
+    ])
+    .unwrap();
+    let mut app = kcloud_aggregator::build(&config).await.unwrap();
+    let (p, mut fake) = provisioner(PinningMode::Env, app.state.ledger.clone());
+    let p = Arc::new(p);
+    let pod = pod_name("admin", "lab");
+
+    let (watching_tx, watching) = oneshot::channel();
+    let (posted_tx, posted) = oneshot::channel::<Value>();
+    let (fail_tx, fail_now) = oneshot::channel::<()>();
+    let fake_side = {
+        let pod = pod.clone();
+        async move {
+            let (_, _, reply) = fake.expect(Method::GET, PODS).await;
+            respond(reply, StatusCode::OK, list("PodList", vec![]));
+            let (_, _, reply) = fake.expect(Method::GET, SECRETS).await;
+            respond(reply, StatusCode::OK, list("SecretList", vec![]));
+            let (_, _, reply) = fake.expect(Method::GET, PODS).await;
+            respond(reply, StatusCode::OK, list("PodList", vec![]));
+            let (_, query, watch) = fake.expect(Method::GET, PODS).await;
+            assert!(query.contains("watch=true"), "{query}");
+            watching_tx.send(()).unwrap();
+            let mut parked = Vec::new();
+
+            let (m, path, body, reply) = fake.next_call(&mut parked).await;
+            assert_eq!((m, path.as_str()), (Method::POST, PODS));
+            posted_tx.send(body.clone()).unwrap();
+            created(reply, body.clone(), "uid-1");
+            let (m, path, secret, reply) = fake.next_call(&mut parked).await;
+            assert_eq!((m, path.as_str()), (Method::POST, SECRETS));
+            created(reply, secret, "uid-2");
+
+            // The kubelet cannot pull the image.
+            fail_now.await.unwrap();
+            let mut stuck = body;
+            stuck["metadata"]["uid"] = json!("uid-1");
+            stuck["metadata"]["resourceVersion"] = json!("12");
+            stuck["status"] = json!({"phase": "Pending", "containerStatuses": [{"name": "server",
+                "image": "i", "imageID": "", "ready": false, "restartCount": 0, "state": {"waiting": {
+                "reason": "ImagePullBackOff", "message": "Back-off pulling image"}}}]});
+            let event = json!({"type": "MODIFIED", "object": stuck});
+            let mut line = serde_json::to_vec(&event).unwrap();
+            line.push(b'\n');
+            watch.send_response(Response::new(Body::from(line)));
+
+            // Failed before it ever ran: its pod goes at once.
+            let (m, path, body, reply) = fake.next_call(&mut parked).await;
+            assert_eq!((m, path), (Method::DELETE, at(PODS, &pod)));
+            assert_eq!(body["gracePeriodSeconds"], 0);
+            respond(reply, StatusCode::OK, json!({"metadata": {}}));
+
+            // GET .../events
+            let (m, path, _, reply) = fake.next_call(&mut parked).await;
+            assert_eq!(
+                (m, path.as_str()),
+                (Method::GET, "/api/v1/namespaces/kcloud-servers/events")
+            );
+            respond(
+                reply,
+                StatusCode::OK,
+                list(
+                    "EventList",
+                    vec![json!({
+                "metadata": {"name": "e1", "namespace": NS},
+                "involvedObject": {"kind": "Pod", "name": pod, "uid": "uid-1"},
+                "reason": "Failed", "message": "Failed to pull image",
+                "lastTimestamp": "2026-01-01T00:00:01Z"})],
+                ),
+            );
+
+            // DELETE the server: the pod is gone already, the Secret goes.
+            let (m, path, _, reply) = fake.next_call(&mut parked).await;
+            assert_eq!((m, path), (Method::DELETE, at(PODS, &pod)));
+            fail(reply, 404, "NotFound");
+            let (m, path, _, reply) = fake.next_call(&mut parked).await;
+            assert_eq!((m, path), (Method::GET, at(PODS, &pod)));
+            fail(reply, 404, "NotFound");
+            let (m, path, _, reply) = fake.next_call(&mut parked).await;
+            assert_eq!((m, path), (Method::DELETE, at(SECRETS, &secret_name(&pod))));
+            respond(reply, StatusCode::OK, api_status(200, "Success"));
+        }
+    };
+    let fake = tokio::spawn(fake_side);
+    assert!(p.recover().await.unwrap().is_empty());
+    app.state.provisioner = p.clone();
+    app.router = kcloud_aggregator::api::router(app.state.clone()).0;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let served = tokio::spawn(app.serve(listener, shutdown.clone()));
+    watching.await.unwrap();
+
+    let http = reqwest::Client::new();
+    let call = |method: reqwest::Method, path: &str, token: Option<&str>, body: Option<Value>| {
+        let mut req = http.request(method, format!("{base}{path}"));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        async move {
+            let resp = req.send().await.unwrap();
+            let status = resp.status();
+            (status, resp.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let (status, login) = call(
+        reqwest::Method::POST,
+        "/api/v1/auth/login",
+        None,
+        Some(json!({"username": "admin", "password": "admin-password-for-tests"})),
+    )
+    .await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{login}");
+    let token = login["access_token"].as_str().unwrap().to_owned();
+    let t = Some(token.as_str());
+    let mut free = Value::Null;
+    for _ in 0..200 {
+        free = call(
+            reqwest::Method::GET,
+            "/api/v1/gpus?available=true&kind=mig&limit=1",
+            t,
+            None,
+        )
+        .await
+        .1;
+        if free["items"].as_array().is_some_and(|a| !a.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let device = free["items"][0].clone();
+    let uuid = device["uuid"]
+        .as_str()
+        .expect("a free MIG instance")
+        .to_owned();
+
+    let (status, server) = call(
+        reqwest::Method::POST,
+        "/api/v1/users/admin/servers",
+        t,
+        Some(json!({"name": "lab", "devices": [uuid], "preset": "small"})),
+    )
+    .await;
+    assert_eq!(status, reqwest::StatusCode::CREATED, "{server}");
+    assert_eq!(server["status"], "pending");
+    assert_eq!(server["url"], "/user/admin/lab/");
+    let posted = posted.await.unwrap();
+    assert_eq!(
+        posted["spec"]["nodeSelector"]["kubernetes.io/hostname"],
+        device["node"]
+    );
+    assert_eq!(
+        env_var(&posted, "NVIDIA_VISIBLE_DEVICES").unwrap()["value"],
+        uuid.as_str()
+    );
+    assert_eq!(
+        posted["metadata"]["annotations"]["kcloud.io/devices"],
+        uuid.as_str()
+    );
+    let held = call(
+        reqwest::Method::GET,
+        "/api/v1/gpus?limit=1000&kind=mig",
+        t,
+        None,
+    )
+    .await
+    .1;
+    let mine = held["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["uuid"] == uuid.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(mine["available"], false);
+    assert_eq!(mine["holder"], json!({"user": "admin", "server": "lab"}));
+
+    fail_tx.send(()).unwrap();
+    let mut server = Value::Null;
+    for _ in 0..200 {
+        server = call(
+            reqwest::Method::GET,
+            "/api/v1/users/admin/servers/lab",
+            t,
+            None,
+        )
+        .await
+        .1;
+        if server["status"] == "failed" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(server["status"], "failed", "{server}");
+    assert_eq!(server["reason"], "ImagePullBackOff: Back-off pulling image");
+    // Its devices went back to the pool once the pod was deleted.
+    let mut back = false;
+    for _ in 0..200 {
+        let all = call(
+            reqwest::Method::GET,
+            "/api/v1/gpus?limit=1000&kind=mig",
+            t,
+            None,
+        )
+        .await
+        .1;
+        let d = all["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["uuid"] == uuid.as_str())
+            .unwrap()
+            .clone();
+        if d["available"] == true {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(back, "the device is free again");
+
+    let (status, events) = call(
+        reqwest::Method::GET,
+        "/api/v1/users/admin/servers/lab/events",
+        t,
+        None,
+    )
+    .await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{events}");
+    let kinds: Vec<&str> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["Failed", "Created", "Failed"],
+        "the pod's event, then kcloud's"
+    );
+
+    let resp = http
+        .delete(format!("{base}/api/v1/users/admin/servers/lab"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), reqwest::StatusCode::NO_CONTENT);
+    let (status, _) = call(
+        reqwest::Method::GET,
+        "/api/v1/users/admin/servers/lab",
+        t,
+        None,
+    )
+    .await;
+    assert_eq!(status, reqwest::StatusCode::NOT_FOUND);
+
+    tokio::time::timeout(Duration::from_secs(60), fake)
+        .await
+        .expect("the provisioner made every expected call")
+        .expect("scenario");
+    shutdown.cancel();
+    served.await.unwrap().unwrap();
+}
