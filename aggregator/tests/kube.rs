@@ -870,6 +870,32 @@ async fn a_secret_create_that_times_out_rolls_back() {
 }
 
 #[tokio::test]
+async fn a_create_whose_caller_goes_away_still_finishes() {
+    let (p, mut fake) = provisioner(PinningMode::Env, empty_ledger());
+    let p = Arc::new(p);
+    let caller = tokio::spawn({
+        let p = p.clone();
+        async move { p.create(spec(&[])).await }
+    });
+    let (body, _, reply) = fake.expect(Method::POST, PODS).await;
+    // The request is dropped mid-way (a client that disconnects).
+    caller.abort();
+    assert!(caller.await.unwrap_err().is_cancelled());
+    created(reply, body, "uid-1");
+    let (body, _, reply) = fake.expect(Method::POST, SECRETS).await;
+    created(reply, body, "uid-2");
+    let mut id = None;
+    for _ in 0..1000 {
+        id = p.get("alice", "lab").map(|s| s.id);
+        if id.as_deref() == Some("uid-1") {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(id.as_deref(), Some("uid-1"), "created in full, not stuck");
+}
+
+#[tokio::test]
 async fn a_failed_pod_delete_keeps_the_server() {
     let (p, mut fake) = provisioner(PinningMode::Env, empty_ledger());
     let pod = pod_name("alice", "lab");

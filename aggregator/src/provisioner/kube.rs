@@ -892,7 +892,9 @@ impl Provisioner for KubeProvisioner {
 
         let mut live: HashSet<String> = HashSet::new();
         for pod in pods {
-            let pod_name = pod.metadata.name.clone().unwrap_or_default();
+            let Some(pod_name) = pod.metadata.name.clone() else {
+                continue;
+            };
             let mut server = match server_from_pod(&pod) {
                 Ok(s) => s,
                 Err(why) => {
@@ -954,7 +956,9 @@ impl Provisioner for KubeProvisioner {
         // Orphans: owned by pods that are gone (the garbage collector normally takes
         // them; this covers a collector that has not yet, or objects made without).
         for s in &secrets {
-            let name = s.metadata.name.as_deref().unwrap_or_default();
+            let Some(name) = s.metadata.name.as_deref() else {
+                continue;
+            };
             if !live.iter().any(|p| secret_name(p) == name) {
                 tracing::warn!(secret = %name, "deleting an orphaned token Secret");
                 inner
@@ -964,7 +968,9 @@ impl Provisioner for KubeProvisioner {
             }
         }
         for c in &claims {
-            let name = c.metadata.name.as_deref().unwrap_or_default();
+            let Some(name) = c.metadata.name.as_deref() else {
+                continue;
+            };
             if !live.iter().any(|p| claim_name(p) == name) {
                 tracing::warn!(claim = %name, "deleting an orphaned ResourceClaim");
                 inner
@@ -979,157 +985,17 @@ impl Provisioner for KubeProvisioner {
     }
 
     async fn create(&self, spec: ServerSpec) -> Result<Server> {
-        let inner = &self.inner;
-        for d in &spec.devices {
-            check_device_id(d)?;
-        }
-        let key = (spec.owner.clone(), spec.name.clone());
-        let pod_name = pod_name(&spec.owner, &spec.name);
-        let profile = Profile::for_launch(&spec.owner, &spec.name, &spec.launch);
-        let now = now_ms();
-        let token: Arc<str> = crate::auth::random_token().into();
-        {
-            let mut servers = inner.lock();
-            if servers.contains_key(&key) {
-                return Err(Error::Conflict(format!(
-                    "server name {:?} is already in use",
-                    spec.name
-                )));
-            }
-            servers.insert(
-                key.clone(),
-                Entry {
-                    server: Server {
-                        id: pod_name.clone(),
-                        owner: spec.owner.clone(),
-                        name: spec.name.clone(),
-                        status: ServerStatus::Pending,
-                        reason: None,
-                        node: spec.node.clone(),
-                        devices: spec.devices.clone(),
-                        cpu_millis: spec.cpu_millis,
-                        memory_bytes: spec.memory_bytes,
-                        image: spec.image.clone(),
-                        launch: spec.launch.clone(),
-                        created_at_ms: now,
-                        ready_at_ms: None,
-                        last_activity_ms: now,
-                        pid: None,
-                        upstream: None,
-                    },
-                    pod: pod_name.clone(),
-                    token: token.clone(),
-                    port: profile.port,
-                    creating: true,
-                    deleting: false,
-                    seen: None,
-                    events: Vec::new(),
-                },
-            );
-        }
-        let pod = server_pod(
-            &spec,
-            &inner.opts.settings,
-            &inner.opts.namespace,
-            &profile,
-            Mounts::default(),
-            now,
-        );
-        match inner.create_objects(&spec, &profile, pod, &token).await {
-            Ok(uid) => {
-                let (server, seen) = {
-                    let mut servers = inner.lock();
-                    let Some(e) = servers.get_mut(&key) else {
-                        return Err(Error::Internal("a server vanished while created".into()));
-                    };
-                    e.creating = false;
-                    e.server.id = uid.clone();
-                    e.events.push(ServerEvent {
-                        at_ms: now,
-                        kind: "Created".into(),
-                        message: if spec.devices.is_empty() {
-                            format!("pod {pod_name}, no devices")
-                        } else {
-                            format!(
-                                "pod {pod_name}, devices {} on {}",
-                                spec.devices.join(", "),
-                                spec.node.as_deref().unwrap_or("?")
-                            )
-                        },
-                    });
-                    (e.server.clone(), e.seen.take())
-                };
-                // What the watch saw while the objects were made counts now.
-                if let Some(pod) = seen.filter(|p| p.metadata.uid.as_deref() == Some(&uid)) {
-                    inner.on_pod(pod).await;
-                    return Ok(self.get(&spec.owner, &spec.name).unwrap_or(server));
-                }
-                tracing::info!(owner = %spec.owner, server = %spec.name, pod = %pod_name, "server created");
-                Ok(server)
-            }
-            Err(e) => {
-                inner.lock().remove(&key);
-                Err(e)
-            }
-        }
+        // In a task of its own: a caller that goes away (a dropped request) must not
+        // leave half-made objects behind or an entry stuck in creation.
+        tokio::spawn(self.inner.clone().create(spec))
+            .await
+            .map_err(|e| Error::Internal(format!("creating a server: {e}")))?
     }
 
     async fn delete(&self, owner: &str, name: &str) -> Result<Option<Server>> {
-        let inner = &self.inner;
-        let key = (owner.to_owned(), name.to_owned());
-        let (pod, before) = {
-            let mut servers = inner.lock();
-            let Some(e) = servers.get_mut(&key) else {
-                return Ok(None);
-            };
-            let before = (e.server.status, e.server.upstream.take());
-            if e.server.status != ServerStatus::Failed {
-                e.server.status = ServerStatus::Stopping;
-            }
-            e.deleting = true;
-            (e.pod.clone(), before)
-        };
-        let grace = inner.opts.stop_grace;
-        let stopped = async {
-            inner.remove_pod(&pod, grace).await?;
-            inner.wait_gone(&pod).await
-        }
-        .await;
-        if let Err(e) = stopped {
-            // Still there: it keeps its devices and its status.
-            if let Some(entry) = inner.lock().get_mut(&key) {
-                entry.deleting = false;
-                if entry.server.status == ServerStatus::Stopping {
-                    (entry.server.status, entry.server.upstream) = before;
-                }
-            }
-            return Err(e);
-        }
-        // The pod owns these, so the garbage collector takes them too; deleting them
-        // now frees a claim's devices in the scheduler's books at once.
-        if let Err(e) = inner
-            .remove(
-                &inner.secrets,
-                "deleting the token Secret",
-                &secret_name(&pod),
-            )
+        tokio::spawn(self.inner.clone().delete(owner.to_owned(), name.to_owned()))
             .await
-        {
-            tracing::warn!(error = %e, pod = %pod, "token Secret left to the garbage collector");
-        }
-        if inner.opts.settings.pinning.mode == PinningMode::Dra
-            && let Err(e) = inner
-                .remove(
-                    &inner.claims,
-                    "deleting the ResourceClaim",
-                    &claim_name(&pod),
-                )
-                .await
-        {
-            tracing::warn!(error = %e, pod = %pod, "ResourceClaim left to the garbage collector");
-        }
-        tracing::info!(%owner, server = %name, pod = %pod, "server deleted");
-        Ok(inner.lock().remove(&key).map(|e| e.server))
+            .map_err(|e| Error::Internal(format!("deleting a server: {e}")))?
     }
 
     fn get(&self, owner: &str, name: &str) -> Option<Server> {
@@ -1228,6 +1094,160 @@ impl Provisioner for KubeProvisioner {
 }
 
 impl Inner {
+    async fn create(self: Arc<Self>, spec: ServerSpec) -> Result<Server> {
+        let inner = &self;
+        for d in &spec.devices {
+            check_device_id(d)?;
+        }
+        let key = (spec.owner.clone(), spec.name.clone());
+        let pod_name = pod_name(&spec.owner, &spec.name);
+        let profile = Profile::for_launch(&spec.owner, &spec.name, &spec.launch);
+        let now = now_ms();
+        let token: Arc<str> = crate::auth::random_token().into();
+        {
+            let mut servers = inner.lock();
+            if servers.contains_key(&key) {
+                return Err(Error::Conflict(format!(
+                    "server name {:?} is already in use",
+                    spec.name
+                )));
+            }
+            servers.insert(
+                key.clone(),
+                Entry {
+                    server: Server {
+                        id: pod_name.clone(),
+                        owner: spec.owner.clone(),
+                        name: spec.name.clone(),
+                        status: ServerStatus::Pending,
+                        reason: None,
+                        node: spec.node.clone(),
+                        devices: spec.devices.clone(),
+                        cpu_millis: spec.cpu_millis,
+                        memory_bytes: spec.memory_bytes,
+                        image: spec.image.clone(),
+                        launch: spec.launch.clone(),
+                        created_at_ms: now,
+                        ready_at_ms: None,
+                        last_activity_ms: now,
+                        pid: None,
+                        upstream: None,
+                    },
+                    pod: pod_name.clone(),
+                    token: token.clone(),
+                    port: profile.port,
+                    creating: true,
+                    deleting: false,
+                    seen: None,
+                    events: Vec::new(),
+                },
+            );
+        }
+        let pod = server_pod(
+            &spec,
+            &inner.opts.settings,
+            &inner.opts.namespace,
+            &profile,
+            Mounts::default(),
+            now,
+        );
+        match inner.create_objects(&spec, &profile, pod, &token).await {
+            Ok(uid) => {
+                let (server, seen) = {
+                    let mut servers = inner.lock();
+                    let Some(e) = servers.get_mut(&key) else {
+                        return Err(Error::Internal("a server vanished while created".into()));
+                    };
+                    e.creating = false;
+                    e.server.id = uid.clone();
+                    e.events.push(ServerEvent {
+                        at_ms: now,
+                        kind: "Created".into(),
+                        message: if spec.devices.is_empty() {
+                            format!("pod {pod_name}, no devices")
+                        } else {
+                            format!(
+                                "pod {pod_name}, devices {} on {}",
+                                spec.devices.join(", "),
+                                spec.node.as_deref().unwrap_or("?")
+                            )
+                        },
+                    });
+                    (e.server.clone(), e.seen.take())
+                };
+                // What the watch saw while the objects were made counts now.
+                if let Some(pod) = seen.filter(|p| p.metadata.uid.as_deref() == Some(&uid)) {
+                    inner.on_pod(pod).await;
+                    return Ok(inner.lock().get(&key).map_or(server, |e| e.server.clone()));
+                }
+                tracing::info!(owner = %spec.owner, server = %spec.name, pod = %pod_name, "server created");
+                Ok(server)
+            }
+            Err(e) => {
+                inner.lock().remove(&key);
+                Err(e)
+            }
+        }
+    }
+
+    async fn delete(self: Arc<Self>, owner: String, name: String) -> Result<Option<Server>> {
+        let inner = &self;
+        let key = (owner.clone(), name.clone());
+        let (pod, before) = {
+            let mut servers = inner.lock();
+            let Some(e) = servers.get_mut(&key) else {
+                return Ok(None);
+            };
+            let before = (e.server.status, e.server.upstream.take());
+            if e.server.status != ServerStatus::Failed {
+                e.server.status = ServerStatus::Stopping;
+            }
+            e.deleting = true;
+            (e.pod.clone(), before)
+        };
+        let grace = inner.opts.stop_grace;
+        let stopped = async {
+            inner.remove_pod(&pod, grace).await?;
+            inner.wait_gone(&pod).await
+        }
+        .await;
+        if let Err(e) = stopped {
+            // Still there: it keeps its devices and its status.
+            if let Some(entry) = inner.lock().get_mut(&key) {
+                entry.deleting = false;
+                if entry.server.status == ServerStatus::Stopping {
+                    (entry.server.status, entry.server.upstream) = before;
+                }
+            }
+            return Err(e);
+        }
+        // The pod owns these, so the garbage collector takes them too; deleting them
+        // now frees a claim's devices in the scheduler's books at once.
+        if let Err(e) = inner
+            .remove(
+                &inner.secrets,
+                "deleting the token Secret",
+                &secret_name(&pod),
+            )
+            .await
+        {
+            tracing::warn!(error = %e, pod = %pod, "token Secret left to the garbage collector");
+        }
+        if inner.opts.settings.pinning.mode == PinningMode::Dra
+            && let Err(e) = inner
+                .remove(
+                    &inner.claims,
+                    "deleting the ResourceClaim",
+                    &claim_name(&pod),
+                )
+                .await
+        {
+            tracing::warn!(error = %e, pod = %pod, "ResourceClaim left to the garbage collector");
+        }
+        tracing::info!(%owner, server = %name, pod = %pod, "server deleted");
+        Ok(inner.lock().remove(&key).map(|e| e.server))
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Key, Entry>> {
         self.servers.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -1255,6 +1275,10 @@ impl Inner {
     where
         K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
     {
+        if name.is_empty() {
+            // An empty name would address the whole collection.
+            return Err(Error::Internal(format!("{what}: no name")));
+        }
         let dp = DeleteParams::background();
         match self.call(what, api.delete(name, &dp)).await {
             Ok(_) | Err(Error::NotFound(_)) => Ok(()),
@@ -1263,6 +1287,9 @@ impl Inner {
     }
 
     async fn remove_pod(&self, name: &str, grace: Duration) -> Result<()> {
+        if name.is_empty() {
+            return Err(Error::Internal("deleting a pod: no name".into()));
+        }
         let dp = DeleteParams {
             grace_period_seconds: Some(u32::try_from(grace.as_secs()).unwrap_or(u32::MAX)),
             propagation_policy: Some(PropagationPolicy::Background),
