@@ -802,6 +802,15 @@ async fn a_pod_name_taken_in_the_cluster_is_a_conflict_and_not_deleted() {
     };
     scenario(
         async move {
+            let no_image = ServerSpec {
+                image: None,
+                ..spec(&[])
+            };
+            let e = p.create(no_image).await.unwrap_err();
+            assert!(
+                matches!(e, Error::BadRequest(_)),
+                "no call without an image: {e:?}"
+            );
             let e = p.create(spec(&[])).await.unwrap_err();
             assert!(matches!(e, Error::Conflict(_)), "{e:?}");
             assert!(p.get("alice", "lab").is_none());

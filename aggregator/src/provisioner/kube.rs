@@ -1099,6 +1099,11 @@ impl Inner {
         for d in &spec.devices {
             check_device_id(d)?;
         }
+        if spec.image.is_none() {
+            return Err(Error::BadRequest(
+                "image: pods need one, and the settings name no default ([images] default)".into(),
+            ));
+        }
         let key = (spec.owner.clone(), spec.name.clone());
         let pod_name = pod_name(&spec.owner, &spec.name);
         let profile = Profile::for_launch(&spec.owner, &spec.name, &spec.launch);
