@@ -133,8 +133,7 @@ binaries = {"agent": cli("agent/src/config.rs"), "aggregator": cli("aggregator/s
 # NVIDIA container toolkit's variables.
 OTHER_ENV = {"NODE_NAME", "RUST_LOG", "NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES"}
 # Rendered ahead of the code that reads them; clap ignores unknown variables.
-PENDING_ENV = {"KCLOUD_PROMETHEUS_URL": "issue 6 (Prometheus integration)",
-               "KCLOUD_NAMESPACE": "the kubernetes provisioner (DESIGN.md --namespace)"}
+PENDING_ENV = {"KCLOUD_PROMETHEUS_URL": "issue 6 (Prometheus integration)"}
 LABELS = ["app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version",
           "app.kubernetes.io/component", "app.kubernetes.io/part-of",
           "app.kubernetes.io/managed-by", "helm.sh/chart"]
@@ -195,7 +194,23 @@ for obj in docs:
         # serde(deny_unknown_fields) on every struct: an unknown key stops the binary.
         allowed = {"": struct_fields(src, "Settings"),
                    "default_quota": struct_fields(src, "DefaultQuota"),
-                   "preset": struct_fields(src, "Preset")}
+                   "preset": struct_fields(src, "Preset"),
+                   "images": struct_fields(src, "Images"),
+                   "kubernetes": struct_fields(src, "KubernetesSettings"),
+                   "pinning": struct_fields(src, "Pinning"),
+                   "toleration": struct_fields(src, "Toleration")}
+        def known(table, where, keys):
+            for key in keys:
+                if key not in allowed[table]:
+                    errors.append(f"{name}: kcloud.toml: {where}.{key} unknown")
+        known("images", "images", settings.get("images", {}))
+        kube = settings.get("kubernetes", {})
+        known("kubernetes", "kubernetes", kube)
+        known("pinning", "kubernetes.pinning", kube.get("pinning", {}))
+        for i, t in enumerate(kube.get("pinning", {}).get("tolerations", [])):
+            known("toleration", f"kubernetes.pinning.tolerations[{i}]", t)
+        if kube.get("pinning", {}).get("mode") not in ("env", "dra"):
+            errors.append(f"{name}: kcloud.toml: kubernetes.pinning.mode must be env or dra")
         for key in settings:
             if key not in allowed[""]:
                 errors.append(f"{name}: kcloud.toml: unknown top-level key {key!r}")
@@ -308,6 +323,8 @@ check "generated Secrets differ between installs (no fixed default)" \
   python3 "$WORK/secrets.py" "$WORK/default.yaml" "$WORK/again.yaml"
 bad_values() {
   refused --set aggregator.kubernetes.pinning.mode=cuda &&
+    refused --set 'aggregator.kubernetes.pinning.tolerations[0].operator=Maybe' &&
+    refused --set aggregator.kubernetes.runAsUser=0 &&
     refused --set aggregator.settings.default_quota.unlimited=1 &&
     refused --set aggregator.settings.presets.tiny.cpu_millis=0 &&
     refused --set 'aggregator.nfsShares[0].name=x'

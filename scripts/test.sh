@@ -41,6 +41,19 @@ if ! command -v code-server >/dev/null; then
   ./scripts/install-code-server.sh
 fi
 
+# kubernetes-validate: the kube provisioner's objects are checked against Kubernetes'
+# own JSON schemas (aggregator/tests/kube.rs).
+if ! command -v kubernetes-validate >/dev/null; then
+  echo "==> installing: kubernetes-validate (pip)"
+  python3 -m pip install --quiet kubernetes-validate \
+    || python3 -m pip install --quiet --break-system-packages kubernetes-validate
+  if command -v pyenv >/dev/null; then pyenv rehash; fi
+  command -v kubernetes-validate >/dev/null || {
+    echo "kubernetes-validate was installed but is not on PATH" >&2
+    exit 1
+  }
+fi
+
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -97,6 +97,15 @@ pub struct Config {
     #[arg(long, env = "KCLOUD_STOP_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub stop_grace: Duration,
 
+    /// Kubernetes provisioner: the namespace of server pods and their Secrets (and
+    /// ResourceClaims). Default: the client's (in a pod, the aggregator's own).
+    #[arg(long, env = "KCLOUD_NAMESPACE")]
+    pub namespace: Option<String>,
+
+    /// Kubernetes provisioner: how long one call to the API server may take.
+    #[arg(long, env = "KCLOUD_KUBE_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
+    pub kube_timeout: Duration,
+
     /// First admin's user name, created at start when it does not exist.
     #[arg(long, env = "KCLOUD_BOOTSTRAP_ADMIN_USER")]
     pub bootstrap_admin_user: Option<String>,
@@ -144,6 +153,8 @@ pub struct Settings {
     pub profiles: BTreeMap<String, crate::profile::Profile>,
     /// Idle culling (`[culling]`); off unless `idle_timeout` is set.
     pub culling: Culling,
+    /// The kubernetes provisioner: how server pods are pinned and run.
+    pub kubernetes: KubernetesSettings,
 }
 
 /// `[culling]`: stop servers idle longer than `idle_timeout` (e.g. `"1h"`), looking
@@ -175,6 +186,112 @@ impl Culling {
             ));
         }
         Ok(Some((idle, every)))
+    }
+}
+
+/// `[kubernetes]`: what server pods look like in the cluster shape.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesSettings {
+    pub pinning: Pinning,
+    /// The uid and gid server containers run as: never root. The defaults are the
+    /// Jupyter docker-stacks' `jovyan` (1000) and `users` (100).
+    pub run_as_user: i64,
+    pub run_as_group: i64,
+}
+
+impl Default for KubernetesSettings {
+    fn default() -> Self {
+        Self {
+            pinning: Pinning::default(),
+            run_as_user: 1000,
+            run_as_group: 100,
+        }
+    }
+}
+
+/// `[kubernetes.pinning]`: how a pod gets exactly its devices (DESIGN.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Pinning {
+    pub mode: PinningMode,
+    /// env mode: RuntimeClass of pods with devices (e.g. `nvidia`); none when absent.
+    pub runtime_class_name: Option<String>,
+    /// dra mode: the device classes of NVIDIA's DRA driver.
+    pub gpu_device_class: String,
+    pub mig_device_class: String,
+    /// env mode: taints of GPU nodes that pods with devices tolerate.
+    pub tolerations: Vec<Toleration>,
+}
+
+impl Default for Pinning {
+    fn default() -> Self {
+        Self {
+            mode: PinningMode::Env,
+            runtime_class_name: None,
+            gpu_device_class: "gpu.nvidia.com".into(),
+            mig_device_class: "mig.nvidia.com".into(),
+            tolerations: vec![Toleration {
+                key: Some("nvidia.com/gpu".into()),
+                operator: TolerationOperator::Exists,
+                value: None,
+                effect: Some(TaintEffect::NoSchedule),
+            }],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PinningMode {
+    /// `nodeSelector` on the node and `NVIDIA_VISIBLE_DEVICES` with the UUIDs.
+    Env,
+    /// A `resource.k8s.io/v1` ResourceClaim per server, selecting the UUIDs.
+    Dra,
+}
+
+/// A pod toleration, in the settings file's snake_case.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Toleration {
+    pub key: Option<String>,
+    #[serde(default)]
+    pub operator: TolerationOperator,
+    pub value: Option<String>,
+    /// None: every effect.
+    pub effect: Option<TaintEffect>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum TolerationOperator {
+    #[default]
+    Equal,
+    Exists,
+}
+
+impl TolerationOperator {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TolerationOperator::Equal => "Equal",
+            TolerationOperator::Exists => "Exists",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum TaintEffect {
+    NoSchedule,
+    PreferNoSchedule,
+    NoExecute,
+}
+
+impl TaintEffect {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaintEffect::NoSchedule => "NoSchedule",
+            TaintEffect::PreferNoSchedule => "PreferNoSchedule",
+            TaintEffect::NoExecute => "NoExecute",
+        }
     }
 }
 
@@ -277,6 +394,29 @@ impl Settings {
         }
         s.profiles = profiles;
         s.culling.schedule()?;
+        let k = &s.kubernetes;
+        if k.run_as_user <= 0 || k.run_as_group < 0 {
+            return Err(Error::Config(
+                "kubernetes.run_as_user must be > 0 (servers never run as root) and \
+                 run_as_group ≥ 0"
+                    .into(),
+            ));
+        }
+        if k.pinning.runtime_class_name.as_deref() == Some("") {
+            s.kubernetes.pinning.runtime_class_name = None;
+        }
+        for t in &s.kubernetes.pinning.tolerations {
+            if t.operator == TolerationOperator::Exists && t.value.is_some() {
+                return Err(Error::Config(
+                    "kubernetes.pinning.tolerations: operator Exists takes no value".into(),
+                ));
+            }
+            if t.key.is_none() && t.operator != TolerationOperator::Exists {
+                return Err(Error::Config(
+                    "kubernetes.pinning.tolerations: without a key, operator must be Exists".into(),
+                ));
+            }
+        }
         for (name, p) in &s.presets {
             if p.cpu_millis == 0 || p.memory_bytes < (64 << 20) {
                 return Err(Error::Config(format!(
@@ -331,11 +471,57 @@ mod tests {
     }
 
     #[test]
+    fn kubernetes_settings_parse_and_validate() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kcloud.toml");
+        let load = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            Settings::load(Some(&path))
+        };
+        let s = load(
+            "[kubernetes.pinning]\nmode = \"dra\"\nruntime_class_name = \"\"\n\
+             gpu_device_class = \"gpu.example.com\"\n\
+             [[kubernetes.pinning.tolerations]]\nkey = \"gpu\"\nvalue = \"yes\"\n\
+             effect = \"NoExecute\"\n",
+        )
+        .unwrap();
+        let p = &s.kubernetes.pinning;
+        assert_eq!(p.mode, PinningMode::Dra);
+        assert_eq!(p.runtime_class_name, None, "empty is none");
+        assert_eq!(p.gpu_device_class, "gpu.example.com");
+        assert_eq!(p.mig_device_class, "mig.nvidia.com", "default kept");
+        assert_eq!(p.tolerations.len(), 1);
+        assert_eq!(p.tolerations[0].operator, TolerationOperator::Equal);
+        assert_eq!(p.tolerations[0].effect, Some(TaintEffect::NoExecute));
+        assert_eq!(s.kubernetes.run_as_user, 1000);
+
+        let d = Settings::load(None).unwrap().kubernetes;
+        assert_eq!(d.pinning.mode, PinningMode::Env);
+        assert_eq!(
+            d.pinning.tolerations[0].key.as_deref(),
+            Some("nvidia.com/gpu")
+        );
+
+        for bad in [
+            "[kubernetes.pinning]\nmode = \"cuda\"\n",
+            "[kubernetes]\nrun_as_user = 0\n",
+            "[kubernetes]\nnamespace = \"x\"\n",
+            "[[kubernetes.pinning.tolerations]]\noperator = \"Exists\"\nvalue = \"x\"\n",
+            "[[kubernetes.pinning.tolerations]]\nvalue = \"x\"\n",
+            "[[kubernetes.pinning.tolerations]]\nkey = \"a\"\neffect = \"Sometimes\"\n",
+        ] {
+            assert!(load(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn flags_have_the_documented_defaults() {
         let c = Config::try_parse_from(["kcloud-aggregator"]).unwrap();
         assert_eq!(c.listen.to_string(), "0.0.0.0:8080");
         assert_eq!(c.data_dir, PathBuf::from("./data"));
         assert_eq!(c.provisioner, ProvisionerKind::Local);
         assert_eq!(c.access_ttl, Duration::from_secs(900));
+        assert_eq!(c.namespace, None);
+        assert_eq!(c.kube_timeout, Duration::from_secs(15));
     }
 }

@@ -81,6 +81,7 @@ use crate::inventory::Inventory;
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::provisioner::Provisioner;
+use crate::provisioner::kube::{KubeOptions, KubeProvisioner};
 use crate::provisioner::local::{LocalOptions, LocalProvisioner};
 use crate::store::Store;
 
@@ -97,11 +98,17 @@ pub struct App {
 /// Opens the data dir and database, bootstraps the first admin, and builds the state
 /// and router. Separate from `serve` so tests can hold the state.
 pub async fn build(config: &Config) -> Result<App> {
-    if config.provisioner == ProvisionerKind::Kubernetes {
-        return Err(Error::Config(
-            "--provisioner kubernetes is not available in this build yet; use local".into(),
-        ));
-    }
+    // First, so that a missing cluster stops the start before anything is written.
+    let kube_client = match config.provisioner {
+        ProvisionerKind::Local => None,
+        // In a pod: its service account; elsewhere: the kubeconfig's context.
+        ProvisionerKind::Kubernetes => Some(kube::Client::try_default().await.map_err(|e| {
+            Error::Config(format!(
+                "--provisioner kubernetes: no Kubernetes client configuration \
+                 (neither in-cluster nor a kubeconfig): {e}"
+            ))
+        })?),
+    };
     let data_dir = &config.data_dir;
     auth::create_private_dir(data_dir)?;
     let settings = Arc::new(Settings::load(config.config.as_deref())?);
@@ -136,15 +143,36 @@ pub async fn build(config: &Config) -> Result<App> {
 
     let inventory = Arc::new(Inventory::new(config.agent_heartbeat * 3));
     let ledger = Arc::new(Ledger::new());
-    let provisioner: Arc<dyn Provisioner> = Arc::new(LocalProvisioner::new(
-        store,
-        ledger.clone(),
-        LocalOptions {
-            jupyter: config.jupyter_command.clone(),
-            stop_grace: config.stop_grace,
-            ..LocalOptions::new(data_dir)
-        },
-    ));
+    let provisioner: Arc<dyn Provisioner> = match config.provisioner {
+        ProvisionerKind::Local => Arc::new(LocalProvisioner::new(
+            store,
+            ledger.clone(),
+            LocalOptions {
+                jupyter: config.jupyter_command.clone(),
+                stop_grace: config.stop_grace,
+                ..LocalOptions::new(data_dir)
+            },
+        )),
+        ProvisionerKind::Kubernetes => {
+            let Some(client) = kube_client else {
+                return Err(Error::Internal("no Kubernetes client".into()));
+            };
+            let namespace = config
+                .namespace
+                .clone()
+                .unwrap_or_else(|| client.default_namespace().to_owned());
+            Arc::new(KubeProvisioner::new(
+                client,
+                ledger.clone(),
+                KubeOptions {
+                    namespace,
+                    settings: settings.kubernetes.clone(),
+                    timeout: config.kube_timeout,
+                    stop_grace: config.stop_grace,
+                },
+            ))
+        }
+    };
     // The ledger is rebuilt from the servers that exist (adopted or not) before the
     // API serves: until then /readyz is 503 and allocations wait.
     let servers = provisioner.recover().await?;

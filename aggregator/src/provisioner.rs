@@ -2,7 +2,8 @@
 //! holds devices in the ledger) and what starts, watches and stops servers.
 //!
 //! One implementation per shape: [`local::LocalProvisioner`] (child processes on this
-//! host, recorded in SQLite) today, Kubernetes pods later. The API holds it as
+//! host, recorded in SQLite) and [`kube::KubeProvisioner`] (pods, their Secrets and
+//! ResourceClaims; Kubernetes is the record). The API holds it as
 //! `Arc<dyn Provisioner>`.
 //!
 //! Devices: the API reserves them in the ledger before [`Provisioner::create`] and
@@ -11,6 +12,7 @@
 //! `failed` and the provisioner releases its devices in the ledger; a deleted one is
 //! released by the API.
 
+pub mod kube;
 pub mod local;
 
 use std::collections::{BTreeMap, HashMap};

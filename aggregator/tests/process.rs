@@ -317,3 +317,25 @@ async fn without_a_driver_the_local_agent_falls_back_to_a_labelled_simulation() 
     assert!(!simulated);
     assert!(gpus.is_empty(), "{gpus:?}");
 }
+
+#[test]
+fn kubernetes_without_a_cluster_is_a_clear_error_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let out = Command::new(env!("CARGO_BIN_EXE_kcloud-aggregator"))
+        .args(["--listen", "127.0.0.1:0", "--provisioner", "kubernetes"])
+        .arg("--data-dir")
+        .arg(&data)
+        // Neither in a pod nor with a kubeconfig.
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .env("KUBECONFIG", dir.path().join("no-kubeconfig"))
+        .env("HOME", dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no Kubernetes client configuration"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!data.exists(), "nothing written: {err}");
+}

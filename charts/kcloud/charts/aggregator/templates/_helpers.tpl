@@ -98,6 +98,26 @@ no fixed default anywhere. Called with (dict "ctx" . "name" NAME "key" KEY "leng
 {{- if not (has $mode (list "env" "dra")) -}}
 {{- fail (printf "kubernetes.pinning.mode must be env or dra, not %q" $mode) -}}
 {{- end -}}
+{{- range $i, $t := .Values.kubernetes.pinning.tolerations -}}
+{{- if not (has ($t.operator | default "Equal") (list "Equal" "Exists")) -}}
+{{- fail (printf "kubernetes.pinning.tolerations[%d].operator must be Equal or Exists" $i) -}}
+{{- end -}}
+{{- if and $t.effect (not (has $t.effect (list "NoSchedule" "PreferNoSchedule" "NoExecute"))) -}}
+{{- fail (printf "kubernetes.pinning.tolerations[%d].effect must be NoSchedule, PreferNoSchedule or NoExecute" $i) -}}
+{{- end -}}
+{{- if and (eq ($t.operator | default "Equal") "Exists") $t.value -}}
+{{- fail (printf "kubernetes.pinning.tolerations[%d]: operator Exists takes no value" $i) -}}
+{{- end -}}
+{{- if and (not $t.key) (ne ($t.operator | default "Equal") "Exists") -}}
+{{- fail (printf "kubernetes.pinning.tolerations[%d]: without a key, operator must be Exists" $i) -}}
+{{- end -}}
+{{- end -}}
+{{- if not .Values.kubernetes.images -}}
+{{- fail "kubernetes.images: at least one image (the first is the default)" -}}
+{{- end -}}
+{{- if or (le (int64 .Values.kubernetes.runAsUser) 0) (lt (int64 .Values.kubernetes.runAsGroup) 0) -}}
+{{- fail "kubernetes.runAsUser must be > 0 (servers never run as root), runAsGroup >= 0" -}}
+{{- end -}}
 {{- if not (has .Values.provisioner (list "kubernetes" "local")) -}}
 {{- fail (printf "provisioner must be kubernetes or local, not %q" .Values.provisioner) -}}
 {{- end -}}
