@@ -8,6 +8,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod embedded_agent;
+pub mod events;
 pub mod inventory;
 pub mod ledger;
 pub mod metrics;
@@ -15,6 +16,7 @@ pub mod prometheus;
 pub mod provisioner;
 pub mod proxy;
 pub mod store;
+pub mod ui;
 
 /// Everything that can fail in the aggregator. `api::ApiError` maps these to HTTP
 /// status codes in one place; server-side variants are logged there and never shown to

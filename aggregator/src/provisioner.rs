@@ -197,6 +197,9 @@ pub trait Provisioner: Send + Sync {
     /// Records traffic to the server (cheap; persisted in batches).
     fn touch(&self, owner: &str, name: &str, at_ms: u64);
 
+    /// Wakes after a server appears, changes status or goes (not on mere traffic).
+    fn subscribe(&self) -> tokio::sync::watch::Receiver<u64>;
+
     /// Stops watching and saves what is pending; servers keep running and are adopted
     /// at the next start.
     async fn shutdown(&self);

@@ -10,7 +10,9 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::{AppState, Caller, ErrorBody};
-use crate::config::Preset;
+use crate::config::{DefaultQuota, Images, Preset};
+use serde::Serialize;
+use utoipa::ToSchema;
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -18,6 +20,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(readyz))
         .routes(routes!(metrics))
         .routes(routes!(presets))
+        .routes(routes!(settings))
 }
 
 /// The process is alive.
@@ -50,4 +53,25 @@ async fn metrics(State(s): State<AppState>) -> Response {
     security(("bearer" = []), ("cookie" = [])))]
 async fn presets(State(s): State<AppState>, _caller: Caller) -> Json<BTreeMap<String, Preset>> {
     Json(s.settings.presets.clone())
+}
+
+/// What the portal shows before a server is created (and admins read as settings):
+/// presets, the image allow-list, the default quota. Nothing secret lives here.
+#[derive(Serialize, ToSchema)]
+pub struct PublicSettings {
+    pub presets: BTreeMap<String, Preset>,
+    pub images: Images,
+    pub default_quota: DefaultQuota,
+}
+
+/// The settings users choose within (read-only).
+#[utoipa::path(get, path = "/api/v1/settings", tag = "servers",
+    responses((status = 200, body = PublicSettings), (status = 401, body = ErrorBody)),
+    security(("bearer" = []), ("cookie" = [])))]
+async fn settings(State(s): State<AppState>, _caller: Caller) -> Json<PublicSettings> {
+    Json(PublicSettings {
+        presets: s.settings.presets.clone(),
+        images: s.settings.images.clone(),
+        default_quota: s.settings.default_quota.clone(),
+    })
 }
