@@ -38,6 +38,16 @@ pub struct Config {
     #[arg(long, env = "KCLOUD_SIMULATE")]
     pub simulate: Option<String>,
 
+    /// Local shape without `--simulate`: `auto` reads this host's GPUs through NVML and
+    /// falls back to a simulated set (marked so) where no driver answers; `nvml` never
+    /// simulates; `off` runs no local agent (agents push instead).
+    #[arg(long, env = "KCLOUD_LOCAL_AGENT", value_enum, default_value = "auto")]
+    pub local_agent: LocalAgent,
+
+    /// The NVML library the local agent loads (default: the driver's `libnvidia-ml.so.1`).
+    #[arg(long, env = "KCLOUD_NVML_LIB")]
+    pub nvml_lib: Option<PathBuf>,
+
     /// File with the token agents present on `PUT /api/v1/nodes/{node}/inventory`
     /// (default: `<data-dir>/agent.token`, generated when absent).
     #[arg(long, env = "KCLOUD_AGENT_TOKEN_FILE")]
@@ -100,7 +110,15 @@ pub struct Config {
     pub bootstrap_admin_password_file: Option<PathBuf>,
 }
 
+/// The local shape's in-process agent (`--local-agent`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LocalAgent {
+    Auto,
+    Nvml,
+    Off,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ProvisionerKind {
     /// JupyterLab processes on this host.
     Local,

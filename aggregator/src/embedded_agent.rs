@@ -1,11 +1,16 @@
 //! The local shape's agent: the same collector as `kcloud-agent`, run in-process and
 //! fed straight into the inventory (no HTTP hop, no agent token).
+//!
+//! Without `--simulate` it reads this host's GPUs through NVML; on a host without a
+//! driver (`--local-agent auto`) it falls back to a simulated GPU set, which every
+//! inventory view labels `simulated: true`, so that the platform is usable on a laptop.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::ValueEnum;
-use kcloud_agent::collector::{Collector, SimLayout, SimulatedSource};
+use kcloud_agent::collector::{Collector, GpuSource, NvmlSource, SimLayout, SimulatedSource};
 use kcloud_agent::config::Preset;
 use tokio_util::sync::CancellationToken;
 
@@ -30,8 +35,37 @@ impl EmbeddedAgent {
             kcloud_agent::config::local_node_name().map_err(|e| Error::Config(e.to_string()))?;
         let source = SimulatedSource::new(SimLayout::preset(preset), &node)
             .map_err(|e| Error::Config(e.to_string()))?;
+        Self::with_source(Box::new(source), node, interval)
+    }
+
+    /// This host's GPUs through NVML (`nvml_lib`: the library to load, default the
+    /// driver's). With `fallback`, a host where NVML does not answer gets the
+    /// `dgx-a100-mig` simulated set instead, said loudly once.
+    pub fn host(nvml_lib: Option<PathBuf>, fallback: bool, interval: Duration) -> Result<Self> {
+        let node =
+            kcloud_agent::config::local_node_name().map_err(|e| Error::Config(e.to_string()))?;
+        let mut agent = Self::with_source(Box::new(NvmlSource::new(nvml_lib)), node, interval)?;
+        let first = agent.collector.collect();
+        if first.nvml.up || !fallback {
+            tracing::info!(
+                gpus = first.gpus.len(),
+                driver = first.nvml.driver_version.as_deref().unwrap_or("-"),
+                nvml_up = first.nvml.up,
+                "local agent reads this host's GPUs through NVML"
+            );
+            return Ok(agent);
+        }
+        tracing::warn!(
+            reason = first.nvml.error.as_deref().unwrap_or("no GPUs"),
+            "no NVIDIA driver answered on this host: serving a SIMULATED GPU set \
+             (dgx-a100-mig, marked simulated); use --local-agent nvml to insist on NVML"
+        );
+        Self::simulated("dgx-a100-mig", interval)
+    }
+
+    fn with_source(source: Box<dyn GpuSource>, node: String, interval: Duration) -> Result<Self> {
         let collector = Collector::new(
-            Box::new(source),
+            source,
             node.clone(),
             interval,
             Arc::new(kcloud_agent::metrics::Metrics::new()),

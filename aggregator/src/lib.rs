@@ -76,7 +76,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::AppState;
 use crate::auth::{Auth, AuthConfig, SigningKey};
-use crate::config::{Config, ProvisionerKind, Settings};
+use crate::config::{Config, LocalAgent, ProvisionerKind, Settings};
 use crate::inventory::Inventory;
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
@@ -154,12 +154,19 @@ pub async fn build(config: &Config) -> Result<App> {
             .filter(|s| s.status.holds_devices())
             .flat_map(|s| s.devices.iter().map(|d| (d.clone(), s.holder()))),
     );
-    let embedded_agent = match &config.simulate {
-        Some(preset) => Some(embedded_agent::EmbeddedAgent::simulated(
+    let embedded_agent = match (&config.simulate, config.local_agent) {
+        (Some(preset), _) => Some(embedded_agent::EmbeddedAgent::simulated(
             preset,
             config.agent_heartbeat,
         )?),
-        None => None,
+        // The cluster shape has a DaemonSet of agents; no host agent in the control plane.
+        (None, _) if config.provisioner == ProvisionerKind::Kubernetes => None,
+        (None, LocalAgent::Off) => None,
+        (None, mode) => Some(embedded_agent::EmbeddedAgent::host(
+            config.nvml_lib.clone(),
+            mode == LocalAgent::Auto,
+            config.agent_heartbeat,
+        )?),
     };
     let prometheus = match &config.prometheus_url {
         Some(url) => Some(Arc::new(prometheus::Prometheus::new(

@@ -44,6 +44,8 @@ impl TestApp {
         std::fs::write(&token_file, "agent-token-0123456789abcdef\n").unwrap();
         let config = <kcloud_aggregator::config::Config as clap::Parser>::try_parse_from([
             "kcloud-aggregator",
+            "--local-agent",
+            "off",
             "--data-dir",
             dir.path().join("data").to_str().unwrap(),
             "--agent-token-file",

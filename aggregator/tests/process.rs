@@ -221,3 +221,99 @@ fn a_damaged_database_is_a_clear_error_not_a_panic() {
     assert!(err.contains("kcloud.db"), "names the file: {err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// The GPUs `GET /api/v1/gpus` lists, and whether the node says it is simulated.
+async fn local_gpus(base: &str) -> (Vec<serde_json::Value>, bool) {
+    let token: serde_json::Value = login(base, "admin", "host-agent-password-1")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let token = token["access_token"].as_str().unwrap().to_owned();
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let nodes: serde_json::Value = client
+            .get(format!("{base}/api/v1/nodes"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if let Some(node) = nodes.as_array().and_then(|n| n.first()) {
+            let simulated = node["simulated"].as_bool().unwrap();
+            let gpus: serde_json::Value = client
+                .get(format!("{base}/api/v1/gpus"))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            return (gpus["items"].as_array().unwrap().clone(), simulated);
+        }
+        assert!(Instant::now() < deadline, "no local inventory: {nodes}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Without `--simulate` the local shape reads this host's GPUs through NVML: the real
+/// nvml-wrapper loading the fake library.
+#[tokio::test]
+async fn the_local_agent_reads_this_hosts_gpus_through_nvml() {
+    use kcloud_testsupport::{FakeGpu, FakeNvml, FakeSpec};
+    let fake = FakeNvml::new(&FakeSpec::with_gpus(vec![
+        FakeGpu::a100(0),
+        FakeGpu::a100_mig(1, &["3g.40gb", "3g.40gb"]),
+    ]));
+    let dir = tempfile::tempdir().unwrap();
+    let agg = start(
+        &dir.path().join("data"),
+        &[
+            ("KCLOUD_NVML_LIB", fake.lib_path().to_str().unwrap()),
+            ("KCLOUD_BOOTSTRAP_ADMIN_PASSWORD", "host-agent-password-1"),
+        ],
+    )
+    .await;
+    let (gpus, simulated) = local_gpus(&agg.base).await;
+    assert!(!simulated, "real NVML, not simulated");
+    let kinds: Vec<(&str, &str)> = gpus
+        .iter()
+        .map(|g| (g["kind"].as_str().unwrap(), g["model"].as_str().unwrap()))
+        .collect();
+    // Both A100s, and the two MIG instances of the second one.
+    assert_eq!(kinds.len(), 4, "{gpus:#?}");
+    assert_eq!(kinds.iter().filter(|(k, _)| *k == "mig").count(), 2);
+    assert!(kinds.iter().all(|(_, m)| m.contains("A100")), "{kinds:?}");
+    // Allocatable: the whole GPU without MIG and the two instances, not the MIG parent.
+    let available = gpus.iter().filter(|g| g["available"] == true).count();
+    assert_eq!(available, 3, "{gpus:#?}");
+}
+
+/// A host without a driver still gets a usable platform, clearly marked simulated;
+/// `--local-agent nvml` insists on NVML instead and shows no devices.
+#[tokio::test]
+async fn without_a_driver_the_local_agent_falls_back_to_a_labelled_simulation() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-libnvidia-ml.so.1");
+    let env = [
+        ("KCLOUD_NVML_LIB", missing.to_str().unwrap()),
+        ("KCLOUD_BOOTSTRAP_ADMIN_PASSWORD", "host-agent-password-1"),
+    ];
+    let mut agg = start(&dir.path().join("auto"), &env).await;
+    let (gpus, simulated) = local_gpus(&agg.base).await;
+    assert!(simulated, "the fallback is labelled simulated");
+    assert!(!gpus.is_empty());
+    let (_, out) = sigterm(&mut agg);
+    assert!(out.contains("SIMULATED"), "says so on the console: {out}");
+
+    let mut env = env.to_vec();
+    env.push(("KCLOUD_LOCAL_AGENT", "nvml"));
+    let agg = start(&dir.path().join("nvml"), &env).await;
+    let (gpus, simulated) = local_gpus(&agg.base).await;
+    assert!(!simulated);
+    assert!(gpus.is_empty(), "{gpus:?}");
+}

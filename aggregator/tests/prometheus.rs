@@ -24,6 +24,8 @@ async fn start_app(dir: &std::path::Path, prometheus: Option<&str>) -> (String, 
     std::fs::write(&token_file, "agent-token-0123456789abcdef").unwrap();
     let mut args = vec![
         "kcloud-aggregator".to_owned(),
+        "--local-agent".into(),
+        "off".into(),
         "--data-dir".into(),
         dir.join("data").to_str().unwrap().into(),
         "--agent-token-file".into(),
