@@ -43,6 +43,8 @@ async fn start() -> TestApp {
         "admin",
         "--bootstrap-admin-password",
         ADMIN_PW,
+        "--local-agent",
+        "off",
     ])
     .unwrap();
     let app = kcloud_aggregator::build(&config).await.expect("build");
