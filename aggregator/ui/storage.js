@@ -37,7 +37,7 @@ export async function storagePage(ctx) {
   });
 
   const volRows = volumes.map((v) => h('tr', { dataset: { volume: v.name } },
-    h('td', {}, h('button', { type: 'button', class: 'link', onclick: () => browse(browser, `/api/v1/users/${enc(user)}/volumes/${enc(v.name)}/files`, `volume ${v.name}`, false, '') }, v.name)),
+    h('td', {}, h('button', { type: 'button', class: 'link', 'aria-label': `Browse volume ${v.name}`, onclick: () => browse(browser, `/api/v1/users/${enc(user)}/volumes/${enc(v.name)}/files`, `volume ${v.name}`, false, '') }, v.name)),
     h('td', {}, bytes(v.size_bytes)),
     h('td', {}, v.used_bytes !== undefined ? bytes(v.used_bytes) : '–'),
     h('td', {}, v.status),
@@ -128,12 +128,13 @@ async function browse(box, base, title, readOnly, path) {
         try { await api('POST', url(join(dirName.value.trim())), { op: 'mkdir' }); again(); } catch (e) { toast(e.message, 'error'); }
       },
     }, 'New folder'));
-  box.replaceChildren(
+  // replaceChildren would print a null as "null": wrap in a div, which h() cleans.
+  box.replaceChildren(h('div', {},
     h('h3', {}, 'Files'),
     h('nav', { class: 'crumbs', 'aria-label': 'folder' }, crumbs),
     tools,
     h('table', { class: 'grid files' },
       h('thead', {}, h('tr', {}, ['Name', 'Size', 'Modified', ''].map((t) => h('th', { scope: 'col' }, t)))),
       h('tbody', {}, rows.length ? rows : h('tr', {}, h('td', { colspan: 4, class: 'muted' }, 'Empty folder.')))),
-    listing.next_offset ? h('p', { class: 'muted' }, `Showing ${listing.entries.length} of ${listing.total}.`) : null);
+    listing.next_offset ? h('p', { class: 'muted' }, `Showing ${listing.entries.length} of ${listing.total}.`) : null));
 }
