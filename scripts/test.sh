@@ -10,6 +10,10 @@ need_apt=()
 command -v cc >/dev/null || need_apt+=(gcc libc6-dev)
 command -v prometheus >/dev/null || need_apt+=(prometheus)
 command -v promtool >/dev/null || need_apt+=(prometheus)
+# The portal's browser test: Debian's Chromium, driven from Node by playwright-core.
+command -v chromium >/dev/null || need_apt+=(chromium)
+command -v node >/dev/null || need_apt+=(nodejs)
+command -v npm >/dev/null || need_apt+=(npm)
 if ((${#need_apt[@]})); then
   echo "==> installing: ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -52,6 +56,12 @@ if ! command -v kubernetes-validate >/dev/null; then
     echo "kubernetes-validate was installed but is not on PATH" >&2
     exit 1
   }
+fi
+
+# playwright-core for the portal's browser test, pinned by tests/browser/package-lock.json.
+if [ ! -d tests/browser/node_modules/playwright-core ]; then
+  echo "==> installing: playwright-core (npm ci in tests/browser)"
+  (cd tests/browser && npm ci --no-audit --no-fund --silent)
 fi
 
 echo "==> cargo fmt --check"

@@ -4,6 +4,7 @@
 //! through `utoipa_axum`, so the OpenAPI document at `/api/openapi.json` covers every
 //! endpoint by construction.
 
+mod events;
 mod nodes;
 mod ops;
 mod servers;
@@ -79,6 +80,7 @@ pub fn router(state: AppState) -> (Router, OpenApi) {
         .merge(nodes::routes())
         .merge(ops::routes())
         .merge(servers::routes())
+        .merge(events::routes())
         .split_for_parts();
     api.info.title = "kcloud".into();
     api.info.version = env!("CARGO_PKG_VERSION").into();
@@ -108,6 +110,7 @@ pub fn router(state: AppState) -> (Router, OpenApi) {
     let spec = Arc::new(api.clone());
     let router = router
         .merge(crate::proxy::routes())
+        .merge(crate::ui::routes())
         .route(
             "/api/openapi.json",
             axum::routing::get(move || {

@@ -55,6 +55,8 @@ static NEXT_INVENTORY_ID: AtomicU64 = AtomicU64::new(1);
 /// The cluster view. `Send + Sync`; share it as `Arc<Inventory>`.
 pub struct Inventory {
     state: RwLock<InvState>,
+    /// Bumped after every stored push, for live views.
+    changed: crate::events::Signal,
 }
 
 /// What [`Inventory::ingest`] did with a valid push.
@@ -673,7 +675,13 @@ impl Inventory {
                 layout_gen: 0,
                 journal: VecDeque::new(),
             }),
+            changed: Default::default(),
         }
+    }
+
+    /// Wakes after the next stored push (node figures, layout or staleness may differ).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     /// The read guard, for the ledger. Never take it twice on one thread (a queued
@@ -704,6 +712,7 @@ impl Inventory {
                 e.received_at_ms = now_ms;
                 drop(guard);
                 drop(old); // freed outside the lock
+                self.changed.notify();
                 return Ok(Ingested::Stored);
             }
         }
@@ -720,6 +729,8 @@ impl Inventory {
         }
         tracing::debug!(node = path_node, "device layout changed");
         st.replace_layout(path_node, inv, now_ms);
+        drop(guard);
+        self.changed.notify();
         Ok(Ingested::Stored)
     }
 

@@ -91,6 +91,8 @@ pub struct Reservation {
 /// The allocation ledger. `Send + Sync`; share it as `Arc<Ledger>`.
 pub struct Ledger {
     state: Mutex<LedgerState>,
+    /// Bumped after every change of who holds what, for live views.
+    changed: crate::events::Signal,
 }
 
 impl Default for Ledger {
@@ -167,7 +169,13 @@ impl Ledger {
                 slices: HashMap::new(),
                 index: FreeIndex::default(),
             }),
+            changed: Default::default(),
         }
+    }
+
+    /// Wakes after the next change of holdings (reserve, commit, abort, release, ...).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     pub(crate) fn state(&self) -> MutexGuard<'_, LedgerState> {
@@ -211,6 +219,8 @@ impl Ledger {
             );
         }
         st.ready = true;
+        drop(st);
+        self.changed.notify();
     }
 
     pub fn is_ready(&self) -> bool {
@@ -263,7 +273,10 @@ impl Ledger {
                 st.resolve_mig(&inv, profile, model.as_deref(), now_ms)?
             }
         };
-        Ok(st.grant(&inv, holder, node, picked, now_ms))
+        let granted = st.grant(&inv, holder, node, picked, now_ms);
+        drop((st, inv));
+        self.changed.notify();
+        Ok(granted)
     }
 
     /// Makes a reservation permanent. Unknown, aborted or swept: `NotFound`.
@@ -281,12 +294,15 @@ impl Ledger {
                 h.reservation = None;
             }
         }
+        drop(st);
+        self.changed.notify();
         Ok(())
     }
 
     /// Returns a reservation's devices to the pool; unknown ids are ignored.
     pub fn abort(&self, reservation_id: u64) {
         self.state().abort(reservation_id);
+        self.changed.notify();
     }
 
     /// Frees everything `holder` holds, committed or reserved; returns those devices.
@@ -303,6 +319,8 @@ impl Ledger {
             }
         }
         st.uncount(&holder.user, devices.len());
+        drop(st);
+        self.changed.notify();
         devices
     }
 
@@ -345,6 +363,10 @@ impl Ledger {
                 "aborting a reservation that was never committed"
             );
             st.abort(id);
+        }
+        drop(st);
+        if !ids.is_empty() {
+            self.changed.notify();
         }
         ids
     }

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod config;
 pub mod culler;
 pub mod embedded_agent;
+pub mod events;
 pub mod inventory;
 pub mod ledger;
 pub mod metrics;
@@ -17,6 +18,7 @@ pub mod prometheus;
 pub mod provisioner;
 pub mod proxy;
 pub mod store;
+pub mod ui;
 
 /// Everything that can fail in the aggregator. `api::ApiError` maps these to HTTP
 /// status codes in one place; server-side variants are logged there and never shown to

@@ -230,6 +230,9 @@ pub trait Provisioner: Send + Sync {
         exempt: bool,
     ) -> Result<Option<Server>>;
 
+    /// Wakes after a server appears, changes status or goes (not on mere traffic).
+    fn subscribe(&self) -> tokio::sync::watch::Receiver<u64>;
+
     /// Stops watching and saves what is pending; servers keep running and are adopted
     /// at the next start.
     async fn shutdown(&self);

@@ -65,7 +65,7 @@ pub struct NodeDetail {
     pub metrics: NodeMetrics,
 }
 
-fn detail(s: &AppState, node: NodeView) -> NodeDetail {
+pub(super) fn detail(s: &AppState, node: NodeView) -> NodeDetail {
     let metrics = s
         .prometheus
         .as_ref()
@@ -145,14 +145,20 @@ async fn list_gpus(
     ApiQuery(q): ApiQuery<DeviceQuery>,
 ) -> Result<Json<Page<DeviceView>>, ApiError> {
     let mut page = s.inventory.devices(&q, &s.ledger, now_ms())?;
+    redact(&caller, &mut page.items);
+    Ok(Json(page))
+}
+
+/// Users see who holds their own devices only (others' show as `in_use`); admins see
+/// every holder. Used by the REST listing and the event stream alike.
+pub(super) fn redact(caller: &Caller, devices: &mut [DeviceView]) {
     if !caller.is_admin() {
-        for d in &mut page.items {
+        for d in devices {
             if d.holder.as_ref().is_some_and(|h| h.user != caller.name) {
                 d.holder = None;
             }
         }
     }
-    Ok(Json(page))
 }
 
 /// Free and total devices per model and MIG profile, with the same filters.

@@ -10,8 +10,10 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::{AppState, Caller, ErrorBody};
-use crate::config::Preset;
+use crate::config::{DefaultQuota, Images, Preset};
 use crate::profile::Profile;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -20,6 +22,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(metrics))
         .routes(routes!(presets))
         .routes(routes!(profiles))
+        .routes(routes!(settings))
 }
 
 /// The process is alive.
@@ -60,4 +63,28 @@ async fn presets(State(s): State<AppState>, _caller: Caller) -> Json<BTreeMap<St
     security(("bearer" = []), ("cookie" = [])))]
 async fn profiles(State(s): State<AppState>, _caller: Caller) -> Json<BTreeMap<String, Profile>> {
     Json(s.settings.profiles.clone())
+}
+
+/// What the portal shows before a server is created (and admins read as settings):
+/// presets, the image allow-list, the default quota. Nothing secret lives here.
+#[derive(Serialize, ToSchema)]
+pub struct PublicSettings {
+    pub presets: BTreeMap<String, Preset>,
+    pub images: Images,
+    pub default_quota: DefaultQuota,
+    /// The IDE profiles servers can run.
+    pub profiles: BTreeMap<String, Profile>,
+}
+
+/// The settings users choose within (read-only).
+#[utoipa::path(get, path = "/api/v1/settings", tag = "servers",
+    responses((status = 200, body = PublicSettings), (status = 401, body = ErrorBody)),
+    security(("bearer" = []), ("cookie" = [])))]
+async fn settings(State(s): State<AppState>, _caller: Caller) -> Json<PublicSettings> {
+    Json(PublicSettings {
+        presets: s.settings.presets.clone(),
+        images: s.settings.images.clone(),
+        default_quota: s.settings.default_quota.clone(),
+        profiles: s.settings.profiles.clone(),
+    })
 }

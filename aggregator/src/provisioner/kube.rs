@@ -825,6 +825,8 @@ struct Inner {
     opts: KubeOptions,
     ledger: Arc<Ledger>,
     servers: Mutex<BTreeMap<Key, Entry>>,
+    /// Wakes the portal's event streams when a server appears, changes or goes.
+    changed: crate::events::Signal,
     shutdown: CancellationToken,
 }
 
@@ -866,6 +868,7 @@ impl KubeProvisioner {
                 opts,
                 ledger,
                 servers: Mutex::default(),
+                changed: Default::default(),
                 shutdown: CancellationToken::new(),
             }),
         }
@@ -967,6 +970,7 @@ impl Provisioner for KubeProvisioner {
                 .insert((server.owner.clone(), server.name.clone()), entry);
         }
 
+        inner.changed.notify();
         // Orphans: owned by pods that are gone (the garbage collector normally takes
         // them; this covers a collector that has not yet, or objects made without).
         for s in &secrets {
@@ -1102,6 +1106,10 @@ impl Provisioner for KubeProvisioner {
         }
     }
 
+    fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.changed.subscribe()
+    }
+
     async fn set_cull_exempt(
         &self,
         owner: &str,
@@ -1195,6 +1203,7 @@ impl Inner {
                 },
             );
         }
+        inner.changed.notify();
         let pod = server_pod(
             &spec,
             &inner.opts.settings,
@@ -1237,6 +1246,7 @@ impl Inner {
             }
             Err(e) => {
                 inner.lock().remove(&key);
+                inner.changed.notify();
                 Err(e)
             }
         }
@@ -1257,6 +1267,7 @@ impl Inner {
             e.deleting = true;
             (e.pod.clone(), before)
         };
+        inner.changed.notify();
         let grace = inner.opts.stop_grace;
         let stopped = async {
             inner.remove_pod(&pod, grace).await?;
@@ -1297,7 +1308,9 @@ impl Inner {
             tracing::warn!(error = %e, pod = %pod, "ResourceClaim left to the garbage collector");
         }
         tracing::info!(%owner, server = %name, pod = %pod, "server deleted");
-        Ok(inner.lock().remove(&key).map(|e| e.server))
+        let gone = inner.lock().remove(&key).map(|e| e.server);
+        inner.changed.notify();
+        Ok(gone)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Key, Entry>> {
@@ -1544,6 +1557,7 @@ impl Inner {
             }
             apply(e, observed)
         };
+        self.changed.notify();
         self.act(action).await;
     }
 
@@ -1572,6 +1586,7 @@ impl Inner {
                 },
             )
         };
+        self.changed.notify();
         self.act(action).await;
     }
 

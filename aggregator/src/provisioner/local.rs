@@ -105,6 +105,8 @@ struct Inner {
     ledger: Arc<Ledger>,
     opts: LocalOptions,
     servers: Mutex<HashMap<Key, Entry>>,
+    /// Bumped after a server appears, changes status or goes, for live views.
+    changed: crate::events::Signal,
     http: HttpClient,
     shutdown: CancellationToken,
 }
@@ -124,6 +126,7 @@ impl LocalProvisioner {
                 ledger,
                 opts,
                 servers: Mutex::new(HashMap::new()),
+                changed: Default::default(),
                 http: http_client(),
                 shutdown: CancellationToken::new(),
             }),
@@ -253,6 +256,7 @@ impl Provisioner for LocalProvisioner {
                 },
             );
         }
+        inner.changed.notify();
         match inner.start(&mut row, program).await {
             Ok(child) => {
                 let started = view(&row);
@@ -290,6 +294,7 @@ impl Provisioner for LocalProvisioner {
             e.row.reason = Some("deleting".into());
             e.row.clone()
         };
+        inner.changed.notify();
         inner.store.save_server(row.clone()).await?;
         inner.event(&row.id, "Stopping", "deleted".into()).await;
         if let Some(pid) = row.pid {
@@ -395,6 +400,10 @@ impl Provisioner for LocalProvisioner {
         Ok(Some(view(&row)))
     }
 
+    fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.changed.subscribe()
+    }
+
     async fn shutdown(&self) {
         self.inner.shutdown.cancel();
         let unsaved: Vec<(String, u64)> = self
@@ -473,6 +482,8 @@ impl Inner {
         let mut servers = self.lock();
         if servers.get(key).is_some_and(|e| e.row.id == id) {
             servers.remove(key);
+            drop(servers);
+            self.changed.notify();
         }
     }
 
@@ -497,7 +508,12 @@ impl Inner {
     ) -> Option<ServerRow> {
         let mut servers = self.lock();
         let e = servers.get_mut(key).filter(|e| e.row.id == id)?;
-        f(&mut e.row).then(|| e.row.clone())
+        let changed = f(&mut e.row).then(|| e.row.clone());
+        drop(servers);
+        if changed.is_some() {
+            self.changed.notify();
+        }
+        changed
     }
 
     fn program(&self, spec: &ServerSpec) -> Result<Program> {

@@ -1,0 +1,198 @@
+// The REST client and the live store fed by GET /api/v1/events.
+
+export class ApiError extends Error {
+  constructor(status, code, message) {
+    super(message);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+function csrf() {
+  const m = document.cookie.match(/(?:^|;\s*)kcloud_csrf=([^;]*)/);
+  return m ? m[1] : '';
+}
+
+async function errorOf(resp) {
+  try {
+    const body = await resp.json();
+    if (body && body.error) return new ApiError(resp.status, body.error.code, body.error.message);
+  } catch (_) { /* not JSON */ }
+  return new ApiError(resp.status, 'http_' + resp.status, `${resp.status} ${resp.statusText}`);
+}
+
+let refreshing = null;
+// Trades the refresh cookie for a new session (access cookie) once, shared by all
+// callers that saw a 401 at the same time.
+export function refreshSession() {
+  if (!refreshing) {
+    refreshing = fetch('/api/v1/auth/refresh', {
+      method: 'POST',
+      credentials: 'same-origin',
+      headers: { 'X-CSRF-Token': csrf() },
+    }).then((r) => r.ok).catch(() => false).finally(() => { refreshing = null; });
+  }
+  return refreshing;
+}
+
+// A JSON API call. Every non-GET carries the CSRF header; a 401 refreshes the session
+// once and retries.
+export async function api(method, path, body, { raw = false, retry = true } = {}) {
+  const headers = {};
+  if (method !== 'GET') headers['X-CSRF-Token'] = csrf();
+  if (body !== undefined) headers['Content-Type'] = 'application/json';
+  const resp = await fetch(path, {
+    method,
+    headers,
+    credentials: 'same-origin',
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  if (resp.status === 401 && retry && !path.startsWith('/api/v1/auth/')) {
+    if (await refreshSession()) return api(method, path, body, { raw, retry: false });
+    window.dispatchEvent(new Event('kcloud:signedout'));
+  }
+  if (!resp.ok) throw await errorOf(resp);
+  if (raw) return resp;
+  if (resp.status === 204) return null;
+  const type = resp.headers.get('content-type') || '';
+  return type.includes('json') ? resp.json() : resp.text();
+}
+
+// Uploads a file as the raw request body with progress (fetch reports none).
+export function upload(path, file, onProgress) {
+  return new Promise((resolve, reject) => {
+    const x = new XMLHttpRequest();
+    x.open('PUT', path);
+    x.setRequestHeader('X-CSRF-Token', csrf());
+    x.setRequestHeader('Content-Type', 'application/octet-stream');
+    x.upload.onprogress = (e) => { if (e.lengthComputable) onProgress(e.loaded / e.total); };
+    x.onerror = () => reject(new ApiError(0, 'network', 'upload failed: network error'));
+    x.onload = () => {
+      let body = null;
+      try { body = JSON.parse(x.responseText); } catch (_) { /* empty */ }
+      if (x.status >= 200 && x.status < 300) resolve(body);
+      else reject(new ApiError(x.status, body?.error?.code || 'http', body?.error?.message || `upload failed (${x.status})`));
+    };
+    x.send(file);
+  });
+}
+
+export const enc = encodeURIComponent;
+// A path of several segments, each encoded, slashes kept.
+export const encPath = (p) => p.split('/').filter(Boolean).map(enc).join('/');
+
+// The live cluster and servers. Emits 'change' with {nodes: bool, servers: bool},
+// at most once per animation frame, so a burst of events costs one render.
+export class Live extends EventTarget {
+  constructor() {
+    super();
+    this.nodes = new Map();
+    this.servers = new Map();
+    this.synced = false;
+    this.history = new Map(); // uuid or node name -> recent values
+    this.pending = { nodes: new Set(), servers: false, reset: false };
+    this.frame = 0;
+    this.source = null;
+    this.closed = false;
+  }
+
+  start() {
+    this.closed = false;
+    const es = new EventSource('/api/v1/events');
+    this.source = es;
+    es.addEventListener('reset', (e) => {
+      this.hello = JSON.parse(e.data);
+      this.nodes.clear();
+      this.servers.clear();
+      this.synced = false;
+      this.pending.reset = true;
+      this.schedule();
+    });
+    es.addEventListener('node', (e) => {
+      const n = JSON.parse(e.data);
+      this.nodes.set(n.name, n);
+      this.record(n);
+      this.pending.nodes.add(n.name);
+      this.schedule();
+    });
+    es.addEventListener('node_removed', (e) => {
+      const n = JSON.parse(e.data);
+      this.nodes.delete(n.name);
+      this.pending.nodes.add(n.name);
+      this.schedule();
+    });
+    es.addEventListener('server', (e) => {
+      const s = JSON.parse(e.data);
+      this.servers.set(`${s.owner}/${s.name}`, s);
+      this.pending.servers = true;
+      this.schedule();
+    });
+    es.addEventListener('server_removed', (e) => {
+      const s = JSON.parse(e.data);
+      this.servers.delete(`${s.owner}/${s.name}`);
+      this.pending.servers = true;
+      this.schedule();
+    });
+    es.addEventListener('synced', () => {
+      this.synced = true;
+      this.pending.reset = true;
+      this.schedule();
+      this.status('live');
+    });
+    es.onerror = async () => {
+      if (this.closed) return;
+      this.status('reconnecting…');
+      if (es.readyState === EventSource.CLOSED) {
+        // Refused (session expired): refresh the session, then follow again.
+        const ok = await refreshSession();
+        if (!ok) { window.dispatchEvent(new Event('kcloud:signedout')); return; }
+        setTimeout(() => { if (!this.closed) this.start(); }, 500);
+      }
+    };
+  }
+
+  stop() {
+    this.closed = true;
+    if (this.source) this.source.close();
+  }
+
+  status(text) {
+    const el = document.getElementById('live');
+    if (el) el.textContent = text;
+  }
+
+  // Keeps the last samples of node CPU and GPU utilization for sparklines.
+  record(n) {
+    const push = (key, v) => {
+      if (v === undefined || v === null) return;
+      let a = this.history.get(key);
+      if (!a) { a = []; this.history.set(key, a); }
+      if (a.length && a.at(-1).t === n.last_seen_ms) return;
+      a.push({ t: n.last_seen_ms, v });
+      if (a.length > 40) a.shift();
+    };
+    const cpu = n.metrics?.cpu_utilization_ratio;
+    push(`node:${n.name}`, cpu === undefined || cpu === null ? undefined : cpu * 100);
+    for (const d of n.devices) {
+      if (d.kind === 'gpu') push(`gpu:${d.uuid}`, d.utilization_gpu_percent);
+    }
+  }
+
+  schedule() {
+    if (this.frame) return;
+    this.frame = requestAnimationFrame(() => {
+      this.frame = 0;
+      const detail = { nodes: this.pending.nodes, servers: this.pending.servers, reset: this.pending.reset };
+      this.pending = { nodes: new Set(), servers: false, reset: false };
+      this.dispatchEvent(new CustomEvent('change', { detail }));
+    });
+  }
+
+  device(uuid) {
+    for (const n of this.nodes.values()) {
+      const d = n.devices.find((x) => x.uuid === uuid);
+      if (d) return d;
+    }
+    return null;
+  }
+}
