@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod prometheus;
 pub mod provisioner;
 pub mod proxy;
+pub mod storage;
 pub mod store;
 
 /// Everything that can fail in the aggregator. `api::ApiError` maps these to HTTP
@@ -45,6 +46,9 @@ pub enum Error {
     /// A quota would be exceeded (429).
     #[error("{0}")]
     QuotaExceeded(String),
+    /// A `Range` outside a file of `size` bytes (416).
+    #[error("range not satisfiable: the file has {size} bytes")]
+    RangeNotSatisfiable { size: u64 },
     /// Not ready yet or a backend is down (503).
     #[error("{0}")]
     Unavailable(String),
@@ -134,6 +138,7 @@ pub async fn build(config: &Config) -> Result<App> {
 
     let inventory = Arc::new(Inventory::new(config.agent_heartbeat * 3));
     let ledger = Arc::new(Ledger::new());
+    let storage = Arc::new(storage::Storage::new(store.clone(), &settings, data_dir)?);
     let provisioner: Arc<dyn Provisioner> = Arc::new(LocalProvisioner::new(
         store,
         ledger.clone(),
@@ -178,6 +183,7 @@ pub async fn build(config: &Config) -> Result<App> {
         secure_cookies: !config.insecure_cookies,
         prometheus,
         provisioner,
+        storage,
         server_locks: Default::default(),
         proxy_client: proxy::http_client(),
     };
