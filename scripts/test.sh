@@ -35,6 +35,15 @@ if ! command -v jupyter-lab >/dev/null; then
   }
 fi
 
+# kubernetes-validate: the storage unit tests validate PVCs against Kubernetes' schemas
+# (check-chart.sh also installs it, but runs after the tests).
+if ! command -v kubernetes-validate >/dev/null; then
+  echo "==> installing: kubernetes-validate (pip)"
+  python3 -m pip install --quiet kubernetes-validate \
+    || python3 -m pip install --quiet --break-system-packages kubernetes-validate
+  if command -v pyenv >/dev/null; then pyenv rehash; fi
+fi
+
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -11,6 +11,7 @@
 //! listings never walk.
 
 pub mod files;
+pub mod pvc;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
