@@ -147,6 +147,9 @@ pub struct StorageSettings {
     /// Cluster shape: where the NFS export that backs the class is mounted in the
     /// aggregator's pod; the file browser reaches volumes under it.
     pub nfs_root: Option<PathBuf>,
+    /// Cluster shape: the export path the class provisions under; an in-tree `nfs`
+    /// PV's path below it names the volume's folder under `nfs_root`.
+    pub nfs_export: Option<String>,
 }
 
 impl Default for StorageSettings {
@@ -158,6 +161,7 @@ impl Default for StorageSettings {
             storage_class: None,
             nfs_backed: false,
             nfs_root: None,
+            nfs_export: None,
         }
     }
 }
