@@ -6,7 +6,7 @@
 # Range request for the last MiB).
 #
 # Usage: scripts/bench-storage.sh        (about a minute; needs 2×SIZE_MIB of disk in TMPDIR)
-#   env: SIZE_MIB=1024 PORT=18941 ROUNDS=3
+#   env: SIZE_MIB=1024 PORT=18941 ROUNDS=3 SKIP_BUILD=1 (measure the binary as built)
 # Needs: cargo, curl, python3, sha256sum.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,8 +25,11 @@ command -v curl >/dev/null || die "curl is needed"
 command -v python3 >/dev/null || die "python3 is needed"
 
 BIN=target/release/kcloud-aggregator
-log "building $BIN"
-cargo build --release --quiet -p kcloud-aggregator
+if [[ ${SKIP_BUILD:-0} != 1 ]]; then
+  log "building $BIN"
+  cargo build --release --quiet -p kcloud-aggregator
+fi
+[[ -x $BIN ]] || die "$BIN is missing"
 
 TMP=$(mktemp -d)
 SERVER_PID=
@@ -84,7 +87,8 @@ IDLE_HWM=$(hwm)
 up_s=() down_s=() up_hwm=() down_hwm=()
 for ((r = 1; r <= ROUNDS; r++)); do
   log "round $r: upload"
-  t=$(curl -sf "${AUTH[@]}" -T "$TMP/src" -o /dev/null -w '%{time_total}' "$FILES/blob.bin?overwrite=true") ||
+  curl -s "${AUTH[@]}" -X DELETE -o /dev/null "$FILES/blob.bin"
+  t=$(curl -sf "${AUTH[@]}" -T "$TMP/src" -o /dev/null -w '%{time_total}' "$FILES/blob.bin") ||
     die "upload failed"
   up_s+=("$t") up_hwm+=("$(hwm)")
   log "round $r: download"

@@ -126,32 +126,95 @@ pub struct Storage {
     store: Store,
     settings: StorageSettings,
     shares: Vec<Share>,
-    /// `<data-dir>/volumes`.
-    volumes_dir: PathBuf,
+    backing: Backing,
     usage: Mutex<HashMap<(String, String), Usage>>,
 }
 
+/// Where volumes live.
+enum Backing {
+    /// Local shape: `<data-dir>/volumes/{owner}/{volume}`.
+    Local { volumes_dir: PathBuf },
+    /// Cluster shape: a PVC each ([`pvc`]); their files through the NFS export that
+    /// backs the class, mounted at `[storage] nfs_root`.
+    Cluster {
+        pvcs: Box<pvc::PvcClient>,
+        namespace: String,
+    },
+}
+
 impl Storage {
+    /// The local shape: volumes are directories under `<data_dir>/volumes`.
     pub fn new(store: Store, settings: &Settings, data_dir: &std::path::Path) -> Result<Self> {
         let volumes_dir = data_dir.join("volumes");
         crate::auth::create_private_dir(&volumes_dir)?;
-        Ok(Self {
+        Ok(Self::with(store, settings, Backing::Local { volumes_dir }))
+    }
+
+    /// The cluster shape: volumes are PVCs in `namespace`.
+    pub fn cluster(
+        store: Store,
+        settings: &Settings,
+        pvcs: pvc::PvcClient,
+        namespace: &str,
+    ) -> Self {
+        let namespace = namespace.to_owned();
+        let pvcs = Box::new(pvcs);
+        Self::with(store, settings, Backing::Cluster { pvcs, namespace })
+    }
+
+    fn with(store: Store, settings: &Settings, backing: Backing) -> Self {
+        Self {
             store,
             settings: settings.storage.clone(),
             shares: settings.shares.clone(),
-            volumes_dir,
+            backing,
             usage: Mutex::new(HashMap::new()),
-        })
+        }
     }
 
-    /// Where a volume's files are. Names are validated DNS labels, so this cannot
-    /// leave the volumes directory.
-    pub fn volume_dir(&self, owner: &str, name: &str) -> PathBuf {
-        self.volumes_dir.join(owner).join(name)
+    /// Local shape: where a volume's files are (names are validated DNS labels, so
+    /// this cannot leave the volumes directory). `None` in the cluster shape.
+    pub fn local_dir(&self, owner: &str, name: &str) -> Option<PathBuf> {
+        match &self.backing {
+            Backing::Local { volumes_dir } => Some(volumes_dir.join(owner).join(name)),
+            Backing::Cluster { .. } => None,
+        }
     }
 
+    /// Where the aggregator reaches a volume's files: its directory, or its PVC's
+    /// folder under the mounted NFS export (503 while unbound or without one).
+    pub async fn volume_root(&self, owner: &str, name: &str) -> Result<PathBuf> {
+        match &self.backing {
+            Backing::Local { volumes_dir } => Ok(volumes_dir.join(owner).join(name)),
+            Backing::Cluster { pvcs, .. } => {
+                let root = self.settings.nfs_root.as_deref().ok_or_else(|| {
+                    Error::Unavailable(
+                        "volumes' files cannot be browsed here: no NFS export is mounted \
+                         ([storage] nfs_root)"
+                            .into(),
+                    )
+                })?;
+                pvcs.folder(
+                    &pvc::pvc_name(owner, name),
+                    root,
+                    self.settings.nfs_export.as_deref(),
+                )
+                .await?
+                .ok_or_else(|| {
+                    Error::Unavailable(format!(
+                        "volume {name:?} is not bound to storage the aggregator can reach yet"
+                    ))
+                })
+            }
+        }
+    }
+
+    /// ReadWriteMany wherever it works (local, NFS-backed), else ReadWriteOnce.
     fn default_access_mode(&self) -> AccessMode {
-        AccessMode::ReadWriteMany
+        match &self.backing {
+            Backing::Cluster { .. } if !self.settings.nfs_backed => AccessMode::ReadWriteOnce,
+            _ => AccessMode::ReadWriteMany,
+        }
     }
 
     /// Validates and creates a volume within the owner's storage quota.
@@ -172,6 +235,16 @@ impl Storage {
                 "size: 1 byte to {max} bytes (the configured largest volume)"
             )));
         }
+        let access_mode = req.access_mode.unwrap_or(self.default_access_mode());
+        if matches!(self.backing, Backing::Cluster { .. })
+            && !pvc::allows(&self.settings, access_mode)
+        {
+            return Err(Error::BadRequest(
+                "access_mode: ReadWriteMany needs an NFS-backed storage class, which this \
+                 cluster does not have"
+                    .into(),
+            ));
+        }
         let count = self.store.volumes(Some(owner)).await?.len();
         let max_count = self.settings.max_volumes_per_user as usize;
         if count >= max_count {
@@ -183,12 +256,20 @@ impl Storage {
             owner: owner.to_owned(),
             name: req.name,
             size_bytes,
-            access_mode: req.access_mode.unwrap_or(self.default_access_mode()),
+            access_mode,
             created_at_ms: now_ms(),
         };
         self.store.insert_volume(row.clone(), quota_bytes).await?;
-        let dir = self.volume_dir(owner, &row.name);
-        if let Err(e) = make_volume_dir(&dir) {
+        let made = match &self.backing {
+            Backing::Local { volumes_dir } => {
+                make_volume_dir(&volumes_dir.join(owner).join(&row.name))
+            }
+            Backing::Cluster { pvcs, namespace } => {
+                pvcs.create(pvc::build(namespace, &row, &self.settings))
+                    .await
+            }
+        };
+        if let Err(e) = made {
             if let Err(e) = self.store.delete_volume(owner, &row.name).await {
                 tracing::error!(error = %e, "could not remove the record of a volume whose directory failed");
             }
@@ -210,6 +291,18 @@ impl Storage {
     /// Deletes a volume and its files; `false` if there was none. The caller checks
     /// that no server mounts it.
     pub async fn delete(&self, owner: &str, name: &str) -> Result<bool> {
+        let volumes_dir = match &self.backing {
+            Backing::Local { volumes_dir } => volumes_dir.clone(),
+            Backing::Cluster { pvcs, .. } => {
+                // The PVC first: if the API is down the volume stays, recorded.
+                if self.store.volume(owner, name).await?.is_none() {
+                    return Ok(false);
+                }
+                pvcs.delete(&pvc::pvc_name(owner, name)).await?;
+                self.forget_usage(owner, name);
+                return self.store.delete_volume(owner, name).await;
+            }
+        };
         if !self.store.delete_volume(owner, name).await? {
             return Ok(false);
         }
@@ -217,12 +310,10 @@ impl Storage {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&(owner.to_owned(), name.to_owned()));
-        let dir = self.volume_dir(owner, name);
+        let dir = volumes_dir.join(owner).join(name);
         // Renamed first, so a new volume of the same name never sees old files even if
         // the removal is slow or fails half-way; remove_dir_all does not follow links.
-        let trash = self
-            .volumes_dir
-            .join(format!(".deleted-{}", uuid::Uuid::new_v4()));
+        let trash = volumes_dir.join(format!(".deleted-{}", uuid::Uuid::new_v4()));
         let removed = tokio::task::spawn_blocking(move || match std::fs::rename(&dir, &trash) {
             Ok(()) => std::fs::remove_dir_all(&trash),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -248,10 +339,31 @@ impl Storage {
         servers: &[Server],
     ) -> Result<Vec<Volume>> {
         let rows = self.store.volumes(owner).await?;
-        Ok(rows.into_iter().map(|r| self.view(r, servers)).collect())
+        let statuses = match &self.backing {
+            Backing::Local { .. } => None,
+            Backing::Cluster { pvcs, .. } => Some(pvcs.statuses().await?),
+        };
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let status = statuses.as_ref().map(|s| {
+                    s.get(&pvc::pvc_name(&r.owner, &r.name))
+                        .copied()
+                        .unwrap_or(VolumeStatus::Lost)
+                });
+                self.view(r, servers, status)
+            })
+            .collect())
     }
 
-    pub fn view(self: &Arc<Self>, row: VolumeRow, servers: &[Server]) -> Volume {
+    /// A volume as the API shows it; `status` from the cluster, or `None` to look
+    /// (local: its directory exists; cluster: pending).
+    pub fn view(
+        self: &Arc<Self>,
+        row: VolumeRow,
+        servers: &[Server],
+        status: Option<VolumeStatus>,
+    ) -> Volume {
         let key = (row.owner.clone(), row.name.clone());
         let usage = self
             .usage
@@ -267,11 +379,11 @@ impl Storage {
                 }
             });
         }
-        let status = if self.volume_dir(&row.owner, &row.name).is_dir() {
-            VolumeStatus::Bound
-        } else {
-            VolumeStatus::Lost
-        };
+        let status = status.unwrap_or_else(|| match self.local_dir(&row.owner, &row.name) {
+            Some(dir) if dir.is_dir() => VolumeStatus::Bound,
+            Some(_) => VolumeStatus::Lost,
+            None => VolumeStatus::Pending,
+        });
         Volume {
             mounted_by: mounted_by(servers, &row.owner, &row.name, false),
             name: row.name,
@@ -286,7 +398,7 @@ impl Storage {
 
     /// Walks the volume and records its usage.
     async fn measure(&self, owner: &str, name: &str) -> Result<u64> {
-        let dir = self.volume_dir(owner, name);
+        let dir = self.volume_root(owner, name).await?;
         let bytes = tokio::task::spawn_blocking(move || files::Root::open(&dir, false)?.usage())
             .await
             .map_err(|e| Error::Internal(format!("usage task: {e}")))??;
@@ -408,7 +520,7 @@ impl Storage {
                     };
                     first_volume = false;
                     let source = MountSource::Volume {
-                        local_path: Some(self.volume_dir(owner, &name)),
+                        local_path: self.local_dir(owner, &name),
                         name,
                     };
                     (source, default, req.read_only.unwrap_or(false))

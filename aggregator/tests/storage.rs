@@ -730,6 +730,17 @@ async fn the_file_browser_round_trips_files_and_folders() {
     let out = String::from_utf8_lossy(&out);
     assert!(out.starts_with("HTTP/1.1 413"), "{out}");
     assert!(!app.volume_dir("alice", "data").join("chunked.bin").exists());
+    // Replacing a file frees its bytes for the new one.
+    let r = app.put(&f("model.bin"), &alice, vec![1u8; 700 << 10]).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let r = app
+        .put(&f("model.bin?overwrite=true"), &alice, vec![2u8; 700 << 10])
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let r = app
+        .put(&f("model-2.bin"), &alice, vec![3u8; 700 << 10])
+        .await;
+    assert_error(&r, StatusCode::PAYLOAD_TOO_LARGE, "bytes left");
     let r = app
         .call(
             Method::GET,

@@ -111,7 +111,7 @@ async fn volume_target(s: &AppState, caller: &Caller, p: &VolumePath) -> Result<
         .volume(&p.user, &p.volume)
         .await?
         .ok_or_else(not_found)?;
-    let dir = s.storage.volume_dir(&p.user, &p.volume);
+    let dir = s.storage.volume_root(&p.user, &p.volume).await?;
     let root = blocking(move || Root::open(&dir, false)).await?;
     Ok(Target {
         root: Arc::new(root),
@@ -237,12 +237,8 @@ async fn put(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return Err(Error::TooLarge(format!(
-            "upload over the {limit} bytes left in this volume"
-        )));
-    }
-    let up = files::upload(t.root, path, body, limit, q.overwrite == Some(true)).await?;
+    let overwrite = q.overwrite == Some(true);
+    let up = files::upload(t.root, path, body, limit, declared, overwrite).await?;
     if let Some((owner, name, _)) = &t.volume {
         s.storage.adjust_usage(owner, name, up.delta);
     }

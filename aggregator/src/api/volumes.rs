@@ -74,7 +74,7 @@ async fn create_volume(
         ),
     )
     .await?;
-    Ok((StatusCode::CREATED, Json(s.storage.view(row, &[]))))
+    Ok((StatusCode::CREATED, Json(s.storage.view(row, &[], None))))
 }
 
 /// Deletes a volume and its files. 409 while a server that has not failed mounts it.

@@ -348,7 +348,9 @@ impl Root {
                     path.as_str()
                 )));
             }
-            Ok(m) => m.len(),
+            // A link is replaced, not written through: it frees nothing.
+            Ok(m) if m.is_file() => m.len(),
+            Ok(_) => 0,
             Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
             Err(e) => return Err(io_error(e, path.as_str())),
         };
@@ -404,18 +406,26 @@ pub struct Uploaded {
 
 /// Streams `body` into `path`: to a temporary in the same folder, synced, then
 /// renamed (with `overwrite`) or hard-linked (without: atomic, fails if the name was
-/// taken meanwhile) into place. More than `limit` bytes is `TooLarge`, and nothing is
-/// left behind.
+/// taken meanwhile) into place. More than `limit` bytes (plus those of the file it
+/// replaces) is `TooLarge`, refused before reading when `declared` (Content-Length)
+/// says so, and nothing is left behind.
 pub async fn upload(
     root: Arc<Root>,
     path: RelPath,
     body: Body,
     limit: u64,
+    declared: Option<u64>,
     overwrite: bool,
 ) -> Result<Uploaded> {
     let r = root.clone();
     let p = path.clone();
     let mut up = blocking(move || r.begin_upload(&p, overwrite)).await?;
+    let limit = limit.saturating_add(up.replaced);
+    if declared.is_some_and(|n| n > limit) {
+        return Err(Error::TooLarge(format!(
+            "upload over the {limit} bytes left in this volume"
+        )));
+    }
     let std_file = up
         .file
         .take()
@@ -465,12 +475,7 @@ pub async fn upload(
         root.stat(&path)
     })
     .await?;
-    let delta = i64::try_from(written).unwrap_or(i64::MAX)
-        - if overwrite {
-            i64::try_from(replaced).unwrap_or(0)
-        } else {
-            0
-        };
+    let delta = i64::try_from(written).unwrap_or(i64::MAX) - i64::try_from(replaced).unwrap_or(0);
     Ok(Uploaded { entry, delta })
 }
 

@@ -66,7 +66,11 @@ pub fn allows(settings: &StorageSettings, mode: AccessMode) -> bool {
 
 /// A volume's status from its PVC's `status.phase`: `Bound`, `Lost`, else pending.
 pub fn status(pvc: &Value) -> VolumeStatus {
-    match pvc["status"]["phase"].as_str() {
+    phase_status(pvc["status"]["phase"].as_str())
+}
+
+fn phase_status(phase: Option<&str>) -> VolumeStatus {
+    match phase {
         Some("Bound") => VolumeStatus::Bound,
         Some("Lost") => VolumeStatus::Lost,
         _ => VolumeStatus::Pending,
@@ -88,6 +92,118 @@ pub fn folder(pv: &Value, nfs_root: &Path, export: Option<&str>) -> Option<PathB
     let rel = Path::new(&rel);
     let plain = rel.components().all(|c| matches!(c, Component::Normal(_)));
     (plain && rel.components().next().is_some()).then(|| nfs_root.join(rel))
+}
+
+/// Volume PVCs in one namespace, and the PVs they are bound to: the only Kubernetes
+/// API the storage needs (create, delete, read status, map to a folder).
+#[derive(Clone)]
+pub struct PvcClient {
+    pvcs: kube::Api<k8s_openapi::api::core::v1::PersistentVolumeClaim>,
+    pvs: kube::Api<k8s_openapi::api::core::v1::PersistentVolume>,
+}
+
+impl PvcClient {
+    pub fn new(client: kube::Client, namespace: &str) -> Self {
+        Self {
+            pvcs: kube::Api::namespaced(client.clone(), namespace),
+            pvs: kube::Api::all(client),
+        }
+    }
+
+    /// Creates the PVC built by [`build`]; one that exists is `Conflict`.
+    pub async fn create(&self, pvc: Value) -> crate::Result<()> {
+        let pvc: k8s_openapi::api::core::v1::PersistentVolumeClaim = serde_json::from_value(pvc)
+            .map_err(|e| crate::Error::Internal(format!("building a PVC: {e}")))?;
+        match self
+            .pvcs
+            .create(&kube::api::PostParams::default(), &pvc)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 409 => Err(crate::Error::Conflict(
+                "a volume of this name exists in the cluster".into(),
+            )),
+            Err(e) => Err(kube_error("creating a PVC", e)),
+        }
+    }
+
+    /// Deletes a PVC; `false` if it was not there.
+    pub async fn delete(&self, name: &str) -> crate::Result<bool> {
+        match self
+            .pvcs
+            .delete(name, &kube::api::DeleteParams::default())
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+            Err(e) => Err(kube_error("deleting a PVC", e)),
+        }
+    }
+
+    /// Every volume PVC's status, by PVC name (one list call).
+    pub async fn statuses(&self) -> crate::Result<std::collections::HashMap<String, VolumeStatus>> {
+        let params = kube::api::ListParams::default().labels(
+            "app.kubernetes.io/component=volume,app.kubernetes.io/managed-by=kcloud-aggregator",
+        );
+        let list = self
+            .pvcs
+            .list(&params)
+            .await
+            .map_err(|e| kube_error("listing PVCs", e))?;
+        Ok(list
+            .items
+            .into_iter()
+            .filter_map(|p| {
+                let name = p.metadata.name.clone()?;
+                let phase = p.status.and_then(|s| s.phase);
+                Some((name, phase_status(phase.as_deref())))
+            })
+            .collect())
+    }
+
+    /// The PVC as JSON; `None` if it does not exist.
+    pub async fn get(&self, name: &str) -> crate::Result<Option<Value>> {
+        let pvc = self
+            .pvcs
+            .get_opt(name)
+            .await
+            .map_err(|e| kube_error("reading a PVC", e))?;
+        pvc.map(|p| {
+            serde_json::to_value(p).map_err(|e| crate::Error::Internal(format!("a PVC: {e}")))
+        })
+        .transpose()
+    }
+
+    /// Where a bound PVC's files are under `nfs_root`; `None` while unbound or when
+    /// its PV names no folder there.
+    pub async fn folder(
+        &self,
+        name: &str,
+        nfs_root: &Path,
+        export: Option<&str>,
+    ) -> crate::Result<Option<PathBuf>> {
+        let Some(pvc) = self.get(name).await? else {
+            return Ok(None);
+        };
+        let Some(pv_name) = pvc["spec"]["volumeName"].as_str().filter(|n| !n.is_empty()) else {
+            return Ok(None);
+        };
+        let pv = self
+            .pvs
+            .get_opt(pv_name)
+            .await
+            .map_err(|e| kube_error("reading a PV", e))?;
+        let Some(pv) = pv else { return Ok(None) };
+        let pv =
+            serde_json::to_value(pv).map_err(|e| crate::Error::Internal(format!("a PV: {e}")))?;
+        Ok(folder(&pv, nfs_root, export))
+    }
+}
+
+/// The API server unreachable or failing is 503 to clients; the details are logged.
+fn kube_error(what: &str, e: kube::Error) -> crate::Error {
+    tracing::warn!(error = %e, "{what} failed");
+    crate::Error::Unavailable(format!("{what} failed: the cluster's API is not answering"))
 }
 
 #[cfg(test)]
