@@ -128,6 +128,8 @@ pub struct Storage {
     shares: Vec<Share>,
     backing: Backing,
     usage: Mutex<HashMap<(String, String), Usage>>,
+    /// Volumes being measured in the background.
+    measuring: Mutex<std::collections::HashSet<(String, String)>>,
 }
 
 /// Where volumes live.
@@ -169,6 +171,7 @@ impl Storage {
             shares: settings.shares.clone(),
             backing,
             usage: Mutex::new(HashMap::new()),
+            measuring: Mutex::default(),
         }
     }
 
@@ -371,12 +374,24 @@ impl Storage {
             .unwrap_or_else(PoisonError::into_inner)
             .get(&key)
             .copied();
-        if usage.is_none_or(|u| now_ms().saturating_sub(u.measured_at_ms) > USAGE_TTL_MS) {
+        let stale = usage.is_none_or(|u| now_ms().saturating_sub(u.measured_at_ms) > USAGE_TTL_MS);
+        // One walk per volume at a time, however often it is listed.
+        if stale
+            && self
+                .measuring
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(key.clone())
+        {
             let me = self.clone();
             tokio::spawn(async move {
                 if let Err(e) = me.measure(&key.0, &key.1).await {
                     tracing::debug!(error = %e, "measuring a volume failed");
                 }
+                me.measuring
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&key);
             });
         }
         let status = status.unwrap_or_else(|| match self.local_dir(&row.owner, &row.name) {
