@@ -94,6 +94,55 @@ pub fn folder(pv: &Value, nfs_root: &Path, export: Option<&str>) -> Option<PathB
     (plain && rel.components().next().is_some()).then(|| nfs_root.join(rel))
 }
 
+/// A server's mounts as pod volumes and container volume mounts, for the pod builder:
+/// a volume is its PVC (`vol-{i}`), a share an `nfs` volume of the server and export
+/// from config (`share-{i}`); read-only on both sides where the mount is.
+pub fn pod_mounts(
+    owner: &str,
+    mounts: &[crate::provisioner::Mount],
+) -> (
+    Vec<k8s_openapi::api::core::v1::Volume>,
+    Vec<k8s_openapi::api::core::v1::VolumeMount>,
+) {
+    use crate::provisioner::MountSource;
+    use k8s_openapi::api::core::v1::{
+        NFSVolumeSource, PersistentVolumeClaimVolumeSource, Volume, VolumeMount,
+    };
+    let ro = |m: &crate::provisioner::Mount| m.read_only.then_some(true);
+    mounts
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let volume = match &m.source {
+                MountSource::Volume { name, .. } => Volume {
+                    name: format!("vol-{i}"),
+                    persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                        claim_name: pvc_name(owner, name),
+                        read_only: ro(m),
+                    }),
+                    ..Volume::default()
+                },
+                MountSource::Share { server, path, .. } => Volume {
+                    name: format!("share-{i}"),
+                    nfs: Some(NFSVolumeSource {
+                        server: server.clone(),
+                        path: path.clone(),
+                        read_only: ro(m),
+                    }),
+                    ..Volume::default()
+                },
+            };
+            let mount = VolumeMount {
+                name: volume.name.clone(),
+                mount_path: m.mount_path.clone(),
+                read_only: ro(m),
+                ..VolumeMount::default()
+            };
+            (volume, mount)
+        })
+        .unzip()
+}
+
 /// Volume PVCs in one namespace, and the PVs they are bound to: the only Kubernetes
 /// API the storage needs (create, delete, read status, map to a folder).
 #[derive(Clone)]
@@ -282,10 +331,52 @@ mod tests {
         }
     }
 
+    #[test]
+    fn servers_mount_pvcs_and_nfs_shares() {
+        use crate::provisioner::{Mount, MountSource};
+        let mounts = [
+            Mount {
+                source: MountSource::Volume {
+                    name: "data".into(),
+                    local_path: None,
+                },
+                mount_path: "/home/jovyan/work".into(),
+                read_only: false,
+            },
+            Mount {
+                source: MountSource::Share {
+                    name: "datasets".into(),
+                    server: "nfs.lab".into(),
+                    path: "/export/datasets".into(),
+                    local_path: None,
+                },
+                mount_path: "/home/jovyan/shares/datasets".into(),
+                read_only: true,
+            },
+        ];
+        let (volumes, mounts) = pod_mounts("alice", &mounts);
+        let v = serde_json::to_value(&volumes).unwrap();
+        assert_eq!(
+            v,
+            json!([
+                {"name": "vol-0", "persistentVolumeClaim": {"claimName": "vol.alice.data"}},
+                {"name": "share-1", "nfs": {"server": "nfs.lab", "path": "/export/datasets", "readOnly": true}}
+            ])
+        );
+        let m = serde_json::to_value(&mounts).unwrap();
+        assert_eq!(
+            m,
+            json!([
+                {"name": "vol-0", "mountPath": "/home/jovyan/work"},
+                {"name": "share-1", "mountPath": "/home/jovyan/shares/datasets", "readOnly": true}
+            ])
+        );
+    }
+
     /// Strict validation against the Kubernetes schemas of the oldest supported and the
     /// newest version (`pip install kubernetes-validate`; scripts/test.sh installs it).
     #[test]
-    fn pvcs_validate_against_the_kubernetes_schemas() {
+    fn pvcs_and_pod_mounts_validate_against_the_kubernetes_schemas() {
         let tool = kcloud_testsupport::require_tool("kubernetes-validate");
         let dir = tempfile::tempdir().unwrap();
         let mut settings = StorageSettings::default();
@@ -299,6 +390,25 @@ mod tests {
             files.push(f);
             settings.storage_class = Some("nfs-client".into());
         }
+        let (volumes, mounts) = pod_mounts(
+            "alice",
+            &[crate::provisioner::Mount {
+                source: crate::provisioner::MountSource::Share {
+                    name: "datasets".into(),
+                    server: "nfs.lab".into(),
+                    path: "/export/datasets".into(),
+                    local_path: None,
+                },
+                mount_path: "/home/jovyan/shares/datasets".into(),
+                read_only: true,
+            }],
+        );
+        let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "mounts"},
+            "spec": {"volumes": volumes, "containers": [{"name": "lab", "image": "x",
+                "volumeMounts": mounts}]}});
+        let f = dir.path().join("pod.json");
+        std::fs::write(&f, pod.to_string()).unwrap();
+        files.push(f);
         // 1.33, then the tool's default: the newest version it ships.
         for version in [Some("1.33.0"), None] {
             let out = std::process::Command::new(&tool)
