@@ -5,11 +5,13 @@
 //! endpoint by construction.
 
 mod events;
+mod files;
 mod nodes;
 mod ops;
 mod servers;
 mod session;
 mod users;
+mod volumes;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -60,7 +62,9 @@ pub struct AppState {
     pub prometheus: Option<Arc<crate::prometheus::Prometheus>>,
     /// Where servers run.
     pub provisioner: Arc<dyn crate::provisioner::Provisioner>,
-    /// Creates and deletes of one owner's servers run one at a time.
+    /// Volumes and shares.
+    pub storage: Arc<crate::storage::Storage>,
+    /// Creates and deletes of one owner's servers (and volumes) run one at a time.
     pub server_locks: Arc<crate::provisioner::OwnerLocks>,
     /// The proxy's pooled client to servers.
     pub proxy_client: crate::proxy::HttpClient,
@@ -81,6 +85,8 @@ pub fn router(state: AppState) -> (Router, OpenApi) {
         .merge(ops::routes())
         .merge(servers::routes())
         .merge(events::routes())
+        .merge(volumes::routes())
+        .merge(files::routes())
         .split_for_parts();
     api.info.title = "kcloud".into();
     api.info.version = env!("CARGO_PKG_VERSION").into();
@@ -198,6 +204,9 @@ impl IntoResponse for ApiError {
             Error::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             Error::QuotaExceeded(_) => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"),
             Error::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            Error::RangeNotSatisfiable { .. } => {
+                (StatusCode::RANGE_NOT_SATISFIABLE, "range_not_satisfiable")
+            }
             Error::Config(_) | Error::Store(_) | Error::Io { .. } | Error::Internal(_) => {
                 // Logged here, once; the client learns nothing about internals.
                 tracing::error!(error = %self.0, "request failed");
@@ -214,6 +223,11 @@ impl IntoResponse for ApiError {
                 header::WWW_AUTHENTICATE,
                 header::HeaderValue::from_static("Bearer"),
             );
+        }
+        if let Error::RangeNotSatisfiable { size } = self.0
+            && let Ok(v) = header::HeaderValue::from_str(&format!("bytes */{size}"))
+        {
+            resp.headers_mut().insert(header::CONTENT_RANGE, v);
         }
         if let Error::RateLimited { retry_after_secs } = self.0
             && let Ok(v) = header::HeaderValue::from_str(&retry_after_secs.to_string())

@@ -155,6 +155,106 @@ pub struct Settings {
     pub culling: Culling,
     /// The kubernetes provisioner: how server pods are pinned and run.
     pub kubernetes: KubernetesSettings,
+    /// Volume sizes and, in the cluster shape, how volumes are backed (`[storage]`).
+    pub storage: StorageSettings,
+    /// NFS shares users may browse and mount (`[[shares]]`), defined only here: a
+    /// request can never name an NFS server or path.
+    pub shares: Vec<Share>,
+}
+
+/// `[storage]`: volume limits and the cluster shape's backing.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageSettings {
+    /// Size of a volume whose request names none.
+    pub default_volume_bytes: u64,
+    /// Largest size of one volume.
+    pub max_volume_bytes: u64,
+    /// Volumes per user, at most.
+    pub max_volumes_per_user: u32,
+    /// Cluster shape: the StorageClass of volume PVCs (default: the cluster's default
+    /// class).
+    pub storage_class: Option<String>,
+    /// Cluster shape: the class is NFS-backed, so volumes can be ReadWriteMany (their
+    /// default then).
+    pub nfs_backed: bool,
+    /// Cluster shape: where the NFS export that backs the class is mounted in the
+    /// aggregator's pod; the file browser reaches volumes under it.
+    pub nfs_root: Option<PathBuf>,
+    /// Cluster shape: the export path the class provisions under; an in-tree `nfs`
+    /// PV's path below it names the volume's folder under `nfs_root`.
+    pub nfs_export: Option<String>,
+}
+
+impl Default for StorageSettings {
+    fn default() -> Self {
+        Self {
+            default_volume_bytes: 10 << 30,
+            max_volume_bytes: 1 << 40,
+            max_volumes_per_user: 32,
+            storage_class: None,
+            nfs_backed: false,
+            nfs_root: None,
+            nfs_export: None,
+        }
+    }
+}
+
+/// An NFS share (`[[shares]]`). Who may use it: users named in `users`, users whose
+/// role is in `roles` (`roles = ["user"]` is everyone), and admins always.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Share {
+    /// DNS-1123 label: it appears in URLs and mount paths.
+    pub name: String,
+    /// NFS server (host name or address).
+    pub server: String,
+    /// Exported path on the server.
+    pub path: String,
+    /// Read-only unless the admin says otherwise.
+    #[serde(default = "yes")]
+    pub read_only: bool,
+    #[serde(default)]
+    pub roles: Vec<crate::store::Role>,
+    #[serde(default)]
+    pub users: Vec<String>,
+    /// Where the share is mounted on the aggregator's host (local shape) or in its pod
+    /// (cluster shape): the file browser and local servers reach it there. Without it
+    /// the share can be mounted into cluster servers but not browsed.
+    pub local_path: Option<PathBuf>,
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Share {
+    /// Whether `user` (with `role`) may list, browse and mount this share.
+    pub fn allows(&self, user: &str, role: crate::store::Role) -> bool {
+        role == crate::store::Role::Admin
+            || self.roles.contains(&role)
+            || self.users.iter().any(|u| u == user)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |what: &str| Err(Error::Config(format!("share {:?}: {what}", self.name)));
+        if crate::provisioner::validate_server_name(&self.name).is_err() {
+            return bad("name must be a DNS-1123 label (a-z, 0-9, '-', at most 63)");
+        }
+        let host_ok = |c: char| c.is_ascii_alphanumeric() || ".-:[]".contains(c);
+        if self.server.is_empty() || self.server.len() > 253 || !self.server.chars().all(host_ok) {
+            return bad("server must be a host name or address");
+        }
+        if !self.path.starts_with('/') || self.path.contains('\0') || self.path.len() > 4096 {
+            return bad("path must be an absolute export path");
+        }
+        if self.local_path.as_ref().is_some_and(|p| !p.is_absolute()) {
+            return bad("local_path must be absolute");
+        }
+        Ok(())
+    }
 }
 
 /// `[culling]`: stop servers idle longer than `idle_timeout` (e.g. `"1h"`), looking
@@ -335,6 +435,8 @@ pub struct DefaultQuota {
     pub servers: Option<u32>,
     pub cpu_millis: Option<u64>,
     pub memory_bytes: Option<u64>,
+    /// Sum of the sizes of a user's volumes.
+    pub storage_bytes: Option<u64>,
 }
 
 impl Default for DefaultQuota {
@@ -344,6 +446,7 @@ impl Default for DefaultQuota {
             servers: Some(4),
             cpu_millis: Some(32_000),
             memory_bytes: Some(256 << 30),
+            storage_bytes: Some(100 << 30),
         }
     }
 }
@@ -421,6 +524,25 @@ impl Settings {
             if p.cpu_millis == 0 || p.memory_bytes < (64 << 20) {
                 return Err(Error::Config(format!(
                     "preset {name:?}: cpu_millis must be > 0 and memory_bytes ≥ 64 MiB"
+                )));
+            }
+        }
+        let st = &s.storage;
+        if st.default_volume_bytes == 0 || st.default_volume_bytes > st.max_volume_bytes {
+            return Err(Error::Config(
+                "storage: default_volume_bytes must be > 0 and ≤ max_volume_bytes".into(),
+            ));
+        }
+        if st.nfs_root.as_ref().is_some_and(|p| !p.is_absolute()) {
+            return Err(Error::Config("storage: nfs_root must be absolute".into()));
+        }
+        let mut names = std::collections::HashSet::new();
+        for share in &s.shares {
+            share.validate()?;
+            if !names.insert(share.name.as_str()) {
+                return Err(Error::Config(format!(
+                    "share {:?} is defined twice",
+                    share.name
                 )));
             }
         }

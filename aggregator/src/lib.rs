@@ -17,6 +17,7 @@ pub mod profile;
 pub mod prometheus;
 pub mod provisioner;
 pub mod proxy;
+pub mod storage;
 pub mod store;
 pub mod ui;
 
@@ -49,6 +50,9 @@ pub enum Error {
     /// A quota would be exceeded (429).
     #[error("{0}")]
     QuotaExceeded(String),
+    /// A `Range` outside a file of `size` bytes (416).
+    #[error("range not satisfiable: the file has {size} bytes")]
+    RangeNotSatisfiable { size: u64 },
     /// Not ready yet or a backend is down (503).
     #[error("{0}")]
     Unavailable(String),
@@ -145,16 +149,19 @@ pub async fn build(config: &Config) -> Result<App> {
 
     let inventory = Arc::new(Inventory::new(config.agent_heartbeat * 3));
     let ledger = Arc::new(Ledger::new());
-    let provisioner: Arc<dyn Provisioner> = match config.provisioner {
-        ProvisionerKind::Local => Arc::new(LocalProvisioner::new(
-            store,
-            ledger.clone(),
-            LocalOptions {
-                jupyter: config.jupyter_command.clone(),
-                stop_grace: config.stop_grace,
-                ..LocalOptions::new(data_dir)
-            },
-        )),
+    let (storage, provisioner): (_, Arc<dyn Provisioner>) = match config.provisioner {
+        ProvisionerKind::Local => (
+            storage::Storage::new(store.clone(), &settings, data_dir)?,
+            Arc::new(LocalProvisioner::new(
+                store,
+                ledger.clone(),
+                LocalOptions {
+                    jupyter: config.jupyter_command.clone(),
+                    stop_grace: config.stop_grace,
+                    ..LocalOptions::new(data_dir)
+                },
+            )),
+        ),
         ProvisionerKind::Kubernetes => {
             let Some(client) = kube_client else {
                 return Err(Error::Internal("no Kubernetes client".into()));
@@ -163,7 +170,14 @@ pub async fn build(config: &Config) -> Result<App> {
                 .namespace
                 .clone()
                 .unwrap_or_else(|| client.default_namespace().to_owned());
-            Arc::new(KubeProvisioner::new(
+            // Volumes are PVCs in the servers' namespace.
+            let storage = storage::Storage::cluster(
+                store.clone(),
+                &settings,
+                storage::pvc::PvcClient::new(client.clone(), &namespace),
+                &namespace,
+            );
+            let provisioner = Arc::new(KubeProvisioner::new(
                 client,
                 ledger.clone(),
                 KubeOptions {
@@ -172,9 +186,11 @@ pub async fn build(config: &Config) -> Result<App> {
                     timeout: config.kube_timeout,
                     stop_grace: config.stop_grace,
                 },
-            ))
+            ));
+            (storage, provisioner)
         }
     };
+    let storage = Arc::new(storage);
     // The ledger is rebuilt from the servers that exist (adopted or not) before the
     // API serves: until then /readyz is 503 and allocations wait.
     let servers = provisioner.recover().await?;
@@ -217,6 +233,7 @@ pub async fn build(config: &Config) -> Result<App> {
         secure_cookies: !config.insecure_cookies,
         prometheus,
         provisioner,
+        storage,
         server_locks: Default::default(),
         proxy_client: proxy::http_client(),
     };

@@ -18,6 +18,7 @@ pub mod local;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
@@ -94,6 +95,47 @@ impl Launch {
     }
 }
 
+/// Something a server mounts, resolved by the API from names the user gave: a request
+/// never supplies a host path, NFS server or export.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mount {
+    pub source: MountSource,
+    /// Absolute path in the server, under `/home/jovyan`.
+    pub mount_path: String,
+    pub read_only: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "kind")]
+pub enum MountSource {
+    /// One of the owner's volumes. Local shape: `local_path` is its directory.
+    /// Cluster shape: its PVC is `storage::pvc_name(owner, name)`.
+    Volume {
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        local_path: Option<PathBuf>,
+    },
+    /// An admin-defined NFS share: a pod `nfs` volume of `server:path` in the cluster
+    /// shape, `local_path` on this host in the local shape.
+    Share {
+        name: String,
+        server: String,
+        path: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        local_path: Option<PathBuf>,
+    },
+}
+
+impl Mount {
+    /// The volume's name when this mounts one.
+    pub fn volume(&self) -> Option<&str> {
+        match &self.source {
+            MountSource::Volume { name, .. } => Some(name),
+            MountSource::Share { .. } => None,
+        }
+    }
+}
+
 /// A server to create, validated and with its devices reserved.
 #[derive(Clone, Debug)]
 pub struct ServerSpec {
@@ -106,6 +148,8 @@ pub struct ServerSpec {
     pub memory_bytes: u64,
     pub image: Option<String>,
     pub launch: Launch,
+    /// Volumes and shares, in the order the user gave them.
+    pub mounts: Vec<Mount>,
 }
 
 /// Where the proxy reaches a running server, and how it talks to it.
@@ -158,6 +202,7 @@ pub struct Server {
     pub pid: Option<u32>,
     /// Set while running.
     pub upstream: Option<Upstream>,
+    pub mounts: Vec<Mount>,
 }
 
 impl Server {

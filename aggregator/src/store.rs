@@ -1,5 +1,5 @@
-//! SQLite in the data dir: users, refresh-token families, the audit log, and the local
-//! provisioner's servers with their events.
+//! SQLite in the data dir: users, refresh-token families, the audit log, the local
+//! provisioner's servers with their events, and volumes.
 //!
 //! One connection behind a mutex; every async call runs on the blocking pool. WAL with
 //! `synchronous=FULL`, so a write is on disk before the call returns.
@@ -12,7 +12,8 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
 use serde::{Deserialize, Serialize};
 
-use crate::provisioner::{Launch, ServerEvent, ServerStatus};
+use crate::provisioner::{Launch, Mount, ServerEvent, ServerStatus};
+use crate::storage::AccessMode;
 use crate::{Error, Result, now_ms};
 
 /// Schema steps; step `i` takes `user_version` from `i` to `i + 1`. Append only: never
@@ -102,6 +103,21 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE servers ADD COLUMN cull_exempt INTEGER NOT NULL DEFAULT 0
         CHECK (cull_exempt IN (0, 1));
     "#,
+    // 4: storage: volumes, a per-user storage quota, and the mounts of servers. No
+    // foreign key from volumes to users either: a volume's files outlive a user row
+    // until an admin removes them.
+    r#"
+    ALTER TABLE users ADD COLUMN quota_storage_bytes INTEGER CHECK (quota_storage_bytes >= 0);
+    ALTER TABLE servers ADD COLUMN mounts TEXT NOT NULL DEFAULT '[]';
+    CREATE TABLE volumes (
+        owner         TEXT NOT NULL,
+        name          TEXT NOT NULL,
+        size_bytes    INTEGER NOT NULL CHECK (size_bytes > 0),
+        access_mode   TEXT NOT NULL CHECK (access_mode IN ('ReadWriteOnce', 'ReadWriteMany')),
+        created_at_ms INTEGER NOT NULL,
+        PRIMARY KEY (owner, name)
+    ) STRICT;
+    "#,
 ];
 
 /// The schema version this binary writes.
@@ -158,6 +174,9 @@ pub struct Quota {
     pub cpu_millis: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_bytes: Option<u64>,
+    /// Sum of the sizes of the user's volumes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_bytes: Option<u64>,
 }
 
 /// A user as the API shows it (never the password hash).
@@ -301,6 +320,8 @@ pub struct ServerRow {
     pub last_activity_ms: u64,
     /// An admin exempted it from idle culling.
     pub cull_exempt: bool,
+    /// Volumes and shares mounted into it.
+    pub mounts: Vec<Mount>,
 }
 
 impl fmt::Debug for ServerRow {
@@ -317,6 +338,16 @@ impl fmt::Debug for ServerRow {
             .field("token", &"<redacted>")
             .finish_non_exhaustive()
     }
+}
+
+/// A volume as recorded: its files live elsewhere (a directory or a PVC).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeRow {
+    pub owner: String,
+    pub name: String,
+    pub size_bytes: u64,
+    pub access_mode: AccessMode,
+    pub created_at_ms: u64,
 }
 
 /// Checks a user name: 1–63 characters, a lowercase DNS-1123 label, because names end
@@ -441,8 +472,8 @@ impl Store {
             let inserted = conn.execute(
                 "INSERT INTO users (name, password_hash, role, disabled, quota_gpus,
                     quota_servers, quota_cpu_millis, quota_memory_bytes, created_at_ms,
-                    updated_at_ms)
-                 VALUES (?1, ?2, ?3, 0, ?4, ?5, ?6, ?7, ?8, ?8)
+                    updated_at_ms, quota_storage_bytes)
+                 VALUES (?1, ?2, ?3, 0, ?4, ?5, ?6, ?7, ?8, ?8, ?9)
                  ON CONFLICT(name) DO NOTHING",
                 params![
                     new.name,
@@ -452,7 +483,8 @@ impl Store {
                     quota.servers,
                     quota.cpu_millis,
                     quota.memory_bytes,
-                    now
+                    now,
+                    quota.storage_bytes
                 ],
             )?;
             if inserted == 0 {
@@ -513,8 +545,16 @@ impl Store {
             if let Some(q) = &quota {
                 tx.execute(
                     "UPDATE users SET quota_gpus = ?2, quota_servers = ?3,
-                        quota_cpu_millis = ?4, quota_memory_bytes = ?5 WHERE name = ?1",
-                    params![name, q.gpus, q.servers, q.cpu_millis, q.memory_bytes],
+                        quota_cpu_millis = ?4, quota_memory_bytes = ?5,
+                        quota_storage_bytes = ?6 WHERE name = ?1",
+                    params![
+                        name,
+                        q.gpus,
+                        q.servers,
+                        q.cpu_millis,
+                        q.memory_bytes,
+                        q.storage_bytes
+                    ],
                 )?;
             }
             if let Some(hash) = &patch.password_hash {
@@ -721,7 +761,7 @@ impl Store {
                 &format!(
                     "INSERT INTO servers ({SERVER_COLUMNS}) VALUES
                      (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
-                      ?19)
+                      ?19, ?20)
                      ON CONFLICT(owner, name) DO NOTHING"
                 ),
                 params![
@@ -744,6 +784,7 @@ impl Store {
                     row.ready_at_ms.map(to_i64).transpose()?,
                     to_i64(row.last_activity_ms)?,
                     row.cull_exempt,
+                    to_json(&row.mounts)?,
                 ],
             )?;
             if inserted == 0 {
@@ -866,6 +907,89 @@ impl Store {
         .await
     }
 
+    /// Records a volume if the owner's volumes, this one included, stay within
+    /// `max_total_bytes` (checked in the same transaction, so two creates cannot both
+    /// squeeze in). A name in use is `Conflict`, an exceeded quota `QuotaExceeded`.
+    pub async fn insert_volume(&self, row: VolumeRow, max_total_bytes: Option<u64>) -> Result<()> {
+        self.call(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let used: i64 = tx.query_row(
+                "SELECT COALESCE(SUM(size_bytes), 0) FROM volumes WHERE owner = ?1",
+                params![row.owner],
+                |r| r.get(0),
+            )?;
+            let used = u64::try_from(used).unwrap_or(0);
+            if let Some(max) = max_total_bytes
+                && used.saturating_add(row.size_bytes) > max
+            {
+                return Err(Error::QuotaExceeded(format!(
+                    "storage quota exceeded: {} has volumes of {used} of {max} bytes and asked for {}",
+                    row.owner, row.size_bytes
+                )));
+            }
+            let inserted = tx.execute(
+                "INSERT INTO volumes (owner, name, size_bytes, access_mode, created_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT(owner, name) DO NOTHING",
+                params![
+                    row.owner,
+                    row.name,
+                    to_i64(row.size_bytes)?,
+                    row.access_mode.as_str(),
+                    to_i64(row.created_at_ms)?
+                ],
+            )?;
+            if inserted == 0 {
+                return Err(Error::Conflict(format!(
+                    "volume name {:?} is already in use",
+                    row.name
+                )));
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// One owner's volumes (everyone's with `None`), by owner and name.
+    pub async fn volumes(&self, owner: Option<&str>) -> Result<Vec<VolumeRow>> {
+        let owner = owner.map(str::to_owned);
+        self.call(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT owner, name, size_bytes, access_mode, created_at_ms FROM volumes
+                 WHERE ?1 IS NULL OR owner = ?1 ORDER BY owner, name",
+            )?;
+            let rows = stmt.query_map(params![owner], volume_from_row)?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+    }
+
+    pub async fn volume(&self, owner: &str, name: &str) -> Result<Option<VolumeRow>> {
+        let (owner, name) = (owner.to_owned(), name.to_owned());
+        self.call(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT owner, name, size_bytes, access_mode, created_at_ms FROM volumes
+                 WHERE owner = ?1 AND name = ?2",
+            )?;
+            Ok(stmt
+                .query_row(params![owner, name], volume_from_row)
+                .optional()?)
+        })
+        .await
+    }
+
+    /// Forgets a volume; `false` if it was not there.
+    pub async fn delete_volume(&self, owner: &str, name: &str) -> Result<bool> {
+        let (owner, name) = (owner.to_owned(), name.to_owned());
+        self.call(move |conn| {
+            Ok(conn.execute(
+                "DELETE FROM volumes WHERE owner = ?1 AND name = ?2",
+                params![owner, name],
+            )? > 0)
+        })
+        .await
+    }
+
     /// Checkpoints the WAL into the database file and closes the connection. Other
     /// clones get `Store("database is closed")` afterwards.
     pub async fn close(self) -> Result<()> {
@@ -885,7 +1009,7 @@ impl Store {
 
 const SERVER_COLUMNS: &str = "id, owner, name, status, reason, node, devices, cpu_millis, \
     memory_bytes, image, launch, port, pid, pid_start, token, created_at_ms, ready_at_ms, \
-    last_activity_ms, cull_exempt";
+    last_activity_ms, cull_exempt, mounts";
 
 fn server_from_row(r: &Row<'_>) -> rusqlite::Result<ServerRow> {
     let bad = |i: usize, e: String| {
@@ -894,6 +1018,7 @@ fn server_from_row(r: &Row<'_>) -> rusqlite::Result<ServerRow> {
     let status: String = r.get(3)?;
     let devices: String = r.get(6)?;
     let launch: String = r.get(10)?;
+    let mounts: String = r.get(19)?;
     Ok(ServerRow {
         id: r.get(0)?,
         owner: r.get(1)?,
@@ -915,6 +1040,24 @@ fn server_from_row(r: &Row<'_>) -> rusqlite::Result<ServerRow> {
         ready_at_ms: get_opt_u64(r, 16)?,
         last_activity_ms: get_u64(r, 17)?,
         cull_exempt: r.get(18)?,
+        mounts: serde_json::from_str(&mounts).map_err(|e| bad(19, e.to_string()))?,
+    })
+}
+
+fn volume_from_row(r: &Row<'_>) -> rusqlite::Result<VolumeRow> {
+    let mode: String = r.get(3)?;
+    Ok(VolumeRow {
+        owner: r.get(0)?,
+        name: r.get(1)?,
+        size_bytes: get_u64(r, 2)?,
+        access_mode: AccessMode::parse(&mode).ok_or_else(|| {
+            rusqlite::Error::FromSqlConversionFailure(
+                3,
+                rusqlite::types::Type::Text,
+                format!("unknown access mode {mode:?}").into(),
+            )
+        })?,
+        created_at_ms: get_u64(r, 4)?,
     })
 }
 
@@ -923,7 +1066,8 @@ fn to_json<T: Serialize>(v: &T) -> Result<String> {
 }
 
 const USER_SELECT: &str = "SELECT name, role, disabled, quota_gpus, quota_servers, \
-    quota_cpu_millis, quota_memory_bytes, created_at_ms, password_hash FROM users";
+    quota_cpu_millis, quota_memory_bytes, created_at_ms, password_hash, quota_storage_bytes \
+    FROM users";
 
 fn get_user(conn: &Connection, name: &str) -> Result<Option<UserRecord>> {
     let mut stmt = conn.prepare_cached(&format!("{USER_SELECT} WHERE name = ?1"))?;
@@ -949,6 +1093,7 @@ fn user_from_row(r: &Row<'_>) -> rusqlite::Result<UserRecord> {
                 servers: r.get(4)?,
                 cpu_millis: get_opt_u64(r, 5)?,
                 memory_bytes: get_opt_u64(r, 6)?,
+                storage_bytes: get_opt_u64(r, 9)?,
             },
             created_at_ms: get_u64(r, 7)?,
         },
@@ -962,6 +1107,7 @@ struct QuotaRow {
     servers: Option<u32>,
     cpu_millis: Option<i64>,
     memory_bytes: Option<i64>,
+    storage_bytes: Option<i64>,
 }
 
 impl QuotaRow {
@@ -978,6 +1124,7 @@ impl QuotaRow {
             servers: q.servers,
             cpu_millis: big(q.cpu_millis, "cpu_millis")?,
             memory_bytes: big(q.memory_bytes, "memory_bytes")?,
+            storage_bytes: big(q.storage_bytes, "storage_bytes")?,
         })
     }
 }
@@ -1711,6 +1858,14 @@ mod tests {
             ready_at_ms: None,
             last_activity_ms: 10,
             cull_exempt: false,
+            mounts: vec![Mount {
+                source: crate::provisioner::MountSource::Volume {
+                    name: "data".into(),
+                    local_path: Some("/srv/data".into()),
+                },
+                mount_path: "/home/jovyan/work".into(),
+                read_only: false,
+            }],
         }
     }
 
@@ -1792,6 +1947,47 @@ mod tests {
             .insert_server(server_row("id-3", "lab"))
             .await
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn volumes_round_trip_within_the_quota() {
+        let (_dir, store) = open_temp();
+        let vol = |owner: &str, name: &str, size_bytes| VolumeRow {
+            owner: owner.into(),
+            name: name.into(),
+            size_bytes,
+            access_mode: AccessMode::ReadWriteOnce,
+            created_at_ms: 5,
+        };
+        store
+            .insert_volume(vol("a", "x", 60), Some(100))
+            .await
+            .unwrap();
+        assert!(matches!(
+            store.insert_volume(vol("a", "y", 41), Some(100)).await,
+            Err(Error::QuotaExceeded(_))
+        ));
+        assert!(matches!(
+            store.insert_volume(vol("a", "x", 1), None).await,
+            Err(Error::Conflict(_))
+        ));
+        store
+            .insert_volume(vol("a", "y", 40), Some(100))
+            .await
+            .unwrap();
+        store
+            .insert_volume(vol("b", "x", 100), Some(100))
+            .await
+            .unwrap();
+        assert_eq!(store.volumes(Some("a")).await.unwrap().len(), 2);
+        assert_eq!(store.volumes(None).await.unwrap().len(), 3);
+        assert_eq!(
+            store.volume("b", "x").await.unwrap(),
+            Some(vol("b", "x", 100))
+        );
+        assert!(store.delete_volume("a", "x").await.unwrap());
+        assert!(!store.delete_volume("a", "x").await.unwrap());
+        assert_eq!(store.volume("a", "x").await.unwrap(), None);
     }
 
     #[tokio::test]

@@ -42,6 +42,7 @@ fn spec(devices: &[&str]) -> ServerSpec {
             env: BTreeMap::from([("WANDB_MODE".to_owned(), "offline".to_owned())]),
             profile: None,
         },
+        mounts: vec![],
     }
 }
 

@@ -13,11 +13,6 @@ use std::time::{Duration, Instant};
 
 use kcloud_testsupport::{free_port, require_tool};
 
-/// Storage steps of the browser walk (volume, upload, listing). Flip to `true` when
-/// the storage API (branch `storage`) is merged; until then `KCLOUD_PORTAL_STORAGE=1`
-/// turns them on for one run.
-const STORAGE_MERGED: bool = false;
-
 struct Aggregator {
     child: Child,
     base: String,
@@ -112,7 +107,6 @@ async fn portal_walkthrough_in_headless_chromium() {
     let password = "portal-admin-password-1";
     let agg = start(&dir.path().join("data"), password).await;
 
-    let storage = STORAGE_MERGED || std::env::var("KCLOUD_PORTAL_STORAGE").is_ok_and(|v| v == "1");
     let base = agg.base.clone();
     let shots_arg = shots.clone();
     let run = tokio::task::spawn_blocking(move || {
@@ -124,7 +118,6 @@ async fn portal_walkthrough_in_headless_chromium() {
             .env("KCLOUD_ADMIN_PASSWORD", password)
             .env("CHROMIUM", chromium)
             .env("SCREENSHOTS", &shots_arg)
-            .env("KCLOUD_PORTAL_STORAGE", if storage { "1" } else { "0" })
             .output()
             .expect("run node")
     })

@@ -688,6 +688,127 @@ async fn a_real_jupyterlab_on_a_mig_instance_through_the_proxy() {
     app.stop().await;
 }
 
+/// Storage end to end: a file uploaded through the file browser is read by a kernel of
+/// a JupyterLab that mounts the volume at `work/`; what the kernel writes there is
+/// seen by the browser; the volume and its files outlive the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_outlives_the_jupyterlab_that_mounted_it() {
+    let _one = JUPYTER.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let app = App::start(&dir.path().join("data"), &[]).await;
+    let (_admin, alice, _bob) = app.users().await;
+    let r = app
+        .call(
+            Method::POST,
+            "/api/v1/users/alice/volumes",
+            Some(&alice),
+            Some(json!({"name": "data", "size": "64Mi"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let files = format!("{}/api/v1/users/alice/volumes/data/files", app.base);
+    let r = app
+        .client
+        .put(format!("{files}/hello.txt"))
+        .bearer_auth(&alice)
+        .body("hello from the file browser")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+
+    let r = app
+        .call(
+            Method::POST,
+            "/api/v1/users/alice/servers",
+            Some(&alice),
+            Some(json!({"name": "lab", "preset": "small", "volumes": [{"volume": "data"}]})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    assert_eq!(r.body["volumes"][0]["mount_path"], "/home/jovyan/work");
+    app.wait_status(
+        &alice,
+        "/api/v1/users/alice/servers/lab",
+        "running",
+        Duration::from_secs(90),
+    )
+    .await;
+    let r = app
+        .call(
+            Method::POST,
+            "/user/alice/lab/api/kernels",
+            Some(&alice),
+            Some(json!({"name": "python3"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let kernel = r.body["id"].as_str().unwrap().to_owned();
+    let mut k = Kernel::open(&app, &alice, &kernel).await;
+    assert_eq!(
+        k.execute("open('work/hello.txt').read()").await,
+        "'hello from the file browser'"
+    );
+    assert_eq!(
+        k.execute("open('work/from-kernel.txt', 'w').write('written by a kernel')")
+            .await,
+        "19"
+    );
+    k.ws.close(None).await.unwrap();
+    let got = app
+        .client
+        .get(format!("{files}/from-kernel.txt"))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), StatusCode::OK);
+    assert_eq!(got.text().await.unwrap(), "written by a kernel");
+
+    let r = app
+        .call(
+            Method::DELETE,
+            "/api/v1/users/alice/volumes/data",
+            Some(&alice),
+            None,
+        )
+        .await;
+    assert_error(&r, StatusCode::CONFLICT, "lab");
+    let r = app
+        .call(
+            Method::DELETE,
+            "/api/v1/users/alice/servers/lab",
+            Some(&alice),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{:?}", r.body);
+    let r = app
+        .call(
+            Method::GET,
+            "/api/v1/users/alice/volumes",
+            Some(&alice),
+            None,
+        )
+        .await;
+    assert_eq!(r.body[0]["name"], "data", "{:?}", r.body);
+    assert_eq!(r.body[0]["mounted_by"], json!([]));
+    for (name, want) in [
+        ("hello.txt", "hello from the file browser"),
+        ("from-kernel.txt", "written by a kernel"),
+    ] {
+        let got = app
+            .client
+            .get(format!("{files}/{name}"))
+            .bearer_auth(&alice)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(got.text().await.unwrap(), want);
+    }
+    app.stop().await;
+}
+
 /// Servers that are `sleep`: cheap, never answer, fine for races and rules.
 /// The `code-server` profile (VS Code in the browser, npm package `code-server`): served
 /// at `/` behind the proxy, which strips `/user/{user}/{server}`; its own auth off, the
@@ -1028,7 +1149,7 @@ async fn races_quotas_and_bad_requests() {
         (
             json!({"name": "v", "volumes": [{"name": "data"}]}),
             StatusCode::BAD_REQUEST,
-            "volumes come with storage support",
+            "unknown field",
         ),
         (
             json!({"name": "i", "image": "docker.io/evil/miner:latest"}),

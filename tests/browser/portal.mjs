@@ -3,8 +3,7 @@
 // aggregator (`--simulate dgx-a100-mig`, local provisioner, real JupyterLab).
 //
 // Environment: KCLOUD_URL, KCLOUD_ADMIN_USER, KCLOUD_ADMIN_PASSWORD, SCREENSHOTS (a
-// folder), KCLOUD_PORTAL_STORAGE ("1" runs the storage steps; the storage API must
-// then exist). Exits non-zero, with the reason, on the first failed step.
+// folder). Exits non-zero, with the reason, on the first failed step.
 import { chromium } from 'playwright-core';
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
@@ -13,7 +12,6 @@ const base = process.env.KCLOUD_URL;
 const adminUser = process.env.KCLOUD_ADMIN_USER;
 const adminPass = process.env.KCLOUD_ADMIN_PASSWORD;
 const shots = process.env.SCREENSHOTS || 'portal-screenshots';
-const withStorage = process.env.KCLOUD_PORTAL_STORAGE === '1';
 const user = 'alice';
 const userPass = 'alice-password-1234';
 // Generous waits: JupyterLab's first start on a busy 2-core machine is slow. These
@@ -147,24 +145,20 @@ try {
   await shot('cluster-mine');
 
   // 9. Storage: a volume, a file uploaded with progress, listed.
-  if (withStorage) {
-    await page.getByRole('link', { name: 'Storage' }).click();
-    const vol = page.getByRole('form', { name: 'New volume' });
-    await vol.getByLabel('Volume name').fill('data');
-    await vol.getByLabel('Size').fill('1Gi');
-    await vol.getByRole('button', { name: 'Create volume' }).click();
-    await page.locator('tr[data-volume="data"]').waitFor();
-    await page.getByRole('button', { name: 'Browse volume data' }).click();
-    await page.getByLabel('Upload files').setInputFiles({
-      name: 'hello.txt', mimeType: 'text/plain', buffer: Buffer.from('hello from the portal test\n'),
-    });
-    await page.locator('#upload').click();
-    await page.locator('tr[data-entry="hello.txt"]').waitFor();
-    check(!(await page.locator('.browser').innerText()).includes('null'), 'no stray "null" in the file browser');
-    await shot('storage-uploaded');
-  } else {
-    console.log('storage steps skipped: KCLOUD_PORTAL_STORAGE is not 1 (storage API not merged)');
-  }
+  await page.getByRole('link', { name: 'Storage' }).click();
+  const vol = page.getByRole('form', { name: 'New volume' });
+  await vol.getByLabel('Volume name').fill('data');
+  await vol.getByLabel('Size').fill('1Gi');
+  await vol.getByRole('button', { name: 'Create volume' }).click();
+  await page.locator('tr[data-volume="data"]').waitFor();
+  await page.getByRole('button', { name: 'Browse volume data' }).click();
+  await page.getByLabel('Upload files').setInputFiles({
+    name: 'hello.txt', mimeType: 'text/plain', buffer: Buffer.from('hello from the portal test\n'),
+  });
+  await page.locator('#upload').click();
+  await page.locator('tr[data-entry="hello.txt"]').waitFor();
+  check(!(await page.locator('.browser').innerText()).includes('null'), 'no stray "null" in the file browser');
+  await shot('storage-uploaded');
 
   // 10. Delete the server (confirmed) and see the slice free again.
   await page.getByRole('link', { name: 'My servers' }).click();

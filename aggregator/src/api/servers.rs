@@ -23,6 +23,7 @@ use crate::profile::{CUSTOM_PROFILE, DEFAULT_PROFILE, RunProfile};
 use crate::provisioner::{
     Launch, Server, ServerEvent, ServerSpec, ServerStatus, validate_server_name,
 };
+use crate::storage::{MAX_MOUNTS, MountRequest, validate_mount_path};
 use crate::store::{AuditEntry, Quota};
 use crate::{Error, now_ms};
 
@@ -89,9 +90,11 @@ pub struct CreateServer {
     /// Appended to the command line (JupyterLab's by default).
     pub args: Option<Vec<String>>,
     pub env: Option<BTreeMap<String, String>>,
-    /// Not supported until storage: absent or empty.
-    #[schema(value_type = Option<Vec<Object>>)]
-    pub volumes: Option<Vec<serde_json::Value>>,
+    /// Volumes and shares to mount, by name: `{"volume": "data"}` (the first volume
+    /// defaults to `/home/jovyan/work`) or `{"share": "datasets"}` (default
+    /// `/home/jovyan/shares/{name}`), each with an optional `mount_path` under
+    /// `/home/jovyan` and `read_only`.
+    pub volumes: Option<Vec<MountRequest>>,
 }
 
 /// A server as the API shows it.
@@ -124,12 +127,15 @@ pub struct ServerView {
     pub cull_exempt: bool,
     /// Open this in the browser: `/user/{owner}/{name}/`.
     pub url: String,
+    /// What it mounts, with mount paths filled in.
+    pub volumes: Vec<MountRequest>,
 }
 
 impl From<Server> for ServerView {
     fn from(s: Server) -> Self {
         let url = s.url();
         let profile = s.launch.run_profile().name;
+        let volumes = s.mounts.iter().map(MountRequest::from).collect();
         let Launch {
             command, args, env, ..
         } = s.launch;
@@ -152,6 +158,7 @@ impl From<Server> for ServerView {
             last_activity_ms: s.last_activity_ms,
             cull_exempt: s.cull_exempt,
             url,
+            volumes,
         }
     }
 }
@@ -164,6 +171,15 @@ pub struct LogQuery {
     pub tail: Option<usize>,
 }
 
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct DeleteQuery {
+    /// Also delete the volumes it mounts (not shares); 409 if another server that has
+    /// not failed mounts one of them. Default: volumes stay.
+    pub delete_volumes: Option<bool>,
+}
+
 /// A validated create request, before quotas and devices.
 #[derive(Debug)]
 struct Plan {
@@ -173,6 +189,7 @@ struct Plan {
     devices: Option<DeviceRequest>,
     image: Option<String>,
     launch: Launch,
+    mounts: Vec<MountRequest>,
 }
 
 fn bad(msg: impl Into<String>) -> Error {
@@ -181,10 +198,17 @@ fn bad(msg: impl Into<String>) -> Error {
 
 fn validate(settings: &Settings, req: CreateServer) -> Result<Plan, Error> {
     validate_server_name(&req.name)?;
-    if req.volumes.as_ref().is_some_and(|v| !v.is_empty()) {
-        return Err(bad(
-            "volumes come with storage support; leave `volumes` out for now",
-        ));
+    let mounts = req.volumes.unwrap_or_default();
+    if mounts.len() > MAX_MOUNTS {
+        return Err(bad(format!("volumes: at most {MAX_MOUNTS} per server")));
+    }
+    for m in &mounts {
+        if m.volume.is_some() == m.share.is_some() {
+            return Err(bad("volumes: each entry names either `volume` or `share`"));
+        }
+        if let Some(p) = &m.mount_path {
+            validate_mount_path(p)?;
+        }
     }
     let (cpu_millis, memory_bytes) = match (&req.preset, &req.cpu, &req.memory) {
         (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
@@ -296,6 +320,7 @@ fn validate(settings: &Settings, req: CreateServer) -> Result<Plan, Error> {
         devices,
         image,
         launch,
+        mounts,
     })
 }
 
@@ -529,7 +554,7 @@ fn check_quota(
     Ok(quota.gpus.or(d.gpus))
 }
 
-async fn audit(
+pub(crate) async fn audit(
     s: &AppState,
     caller: &Caller,
     client: std::net::IpAddr,
@@ -620,6 +645,11 @@ async fn create_server(
     }
     let mine = s.provisioner.list(Some(&user));
     let max_devices = check_quota(&s.settings, &owner.quota, &user, &mine, &plan)?;
+    // Names become volumes of this owner and shares the owner may use: never paths.
+    let mounts = s
+        .storage
+        .resolve_mounts(&user, owner.role, plan.mounts.clone(), &mine)
+        .await?;
     let holder = Holder {
         user: user.clone(),
         server: plan.name.clone(),
@@ -643,6 +673,7 @@ async fn create_server(
         memory_bytes: plan.memory_bytes,
         image: plan.image.clone(),
         launch: plan.launch,
+        mounts,
     };
     let server = match s.provisioner.create(spec).await {
         Ok(server) => server,
@@ -709,32 +740,69 @@ async fn get_server(
 }
 
 /// Stops the server (SIGTERM, then SIGKILL after the grace period) and frees its
-/// devices before answering. 404 when there is no such server (any more).
+/// devices before answering. 404 when there is no such server (any more). Its volumes
+/// stay unless `delete_volumes=true`.
 #[utoipa::path(delete, path = "/api/v1/users/{user}/servers/{server}", tag = "servers",
-    params(("user" = String, Path), ("server" = String, Path)),
-    responses((status = 204), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    params(("user" = String, Path), ("server" = String, Path), DeleteQuery),
+    responses((status = 204), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)),
     security(("bearer" = []), ("cookie" = [])))]
 async fn delete_server(
     State(s): State<AppState>,
     caller: Caller,
     ClientAddr(client): ClientAddr,
     ApiPath((user, name)): ApiPath<(String, String)>,
+    ApiQuery(q): ApiQuery<DeleteQuery>,
 ) -> Result<StatusCode, ApiError> {
-    find(&s, &caller, &user, &name)?;
+    let found = find(&s, &caller, &user, &name)?;
     let _serial = s.server_locks.lock(&user).await;
+    let volumes: Vec<String> = if q.delete_volumes == Some(true) {
+        found
+            .mounts
+            .iter()
+            .filter_map(|m| m.volume())
+            .map(str::to_owned)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    // Checked before anything stops, so a refusal changes nothing.
+    let others: Vec<_> = s
+        .provisioner
+        .list(Some(&user))
+        .into_iter()
+        .filter(|sv| sv.name != name)
+        .collect();
+    for v in &volumes {
+        let users = crate::storage::mounted_by(&others, &user, v, true);
+        if !users.is_empty() {
+            return Err(Error::Conflict(format!(
+                "volume {v:?} is also mounted by {}; nothing was deleted",
+                users.join(", ")
+            ))
+            .into());
+        }
+    }
     let server = s
         .provisioner
         .delete(&user, &name)
         .await?
         .ok_or_else(|| Error::NotFound(format!("no server {user}/{name}")))?;
     let released = s.ledger.release(&server.holder());
+    for v in &volumes {
+        s.storage.delete(&user, v).await?;
+    }
     audit(
         &s,
         &caller,
         client,
         "server_delete",
         format!("{user}/{name}"),
-        format!("released=[{}]", released.join(",")),
+        format!(
+            "released=[{}] deleted_volumes=[{}]",
+            released.join(","),
+            volumes.join(",")
+        ),
     )
     .await?;
     Ok(StatusCode::NO_CONTENT)
@@ -903,7 +971,10 @@ mod tests {
             serde_json::json!({"name": "a", "preset": "small", "cpu": 1}),
             serde_json::json!({"name": "a", "cpu": 1}),
             serde_json::json!({"name": "A"}),
-            serde_json::json!({"name": "a", "volumes": [{"name": "v"}]}),
+            serde_json::json!({"name": "a", "volumes": [{"volume": "v", "share": "s"}]}),
+            serde_json::json!({"name": "a", "volumes": [{}]}),
+            serde_json::json!({"name": "a", "volumes": [{"volume": "v", "mount_path": "/etc"}]}),
+            serde_json::json!({"name": "a", "volumes": [{"share": "s", "mount_path": "/home/jovyan/../x"}]}),
             serde_json::json!({"name": "a", "devices": ["MIG-1"], "gpu_request": {"count": 1}}),
             serde_json::json!({"name": "a", "gpu_request": {"count": 1, "mig_profile": "1g.10gb"}}),
             serde_json::json!({"name": "a", "gpu_request": {}}),
@@ -1029,6 +1100,7 @@ mod tests {
             cull_exempt: false,
             pid: None,
             upstream: None,
+            mounts: vec![],
         };
         let q = Quota::default();
         assert_eq!(check_quota(&s, &q, "u", &[], &plan).unwrap(), Some(8));

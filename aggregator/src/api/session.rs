@@ -182,5 +182,6 @@ pub fn effective_quota(own: &Quota, default: &DefaultQuota) -> Quota {
         servers: own.servers.or(default.servers),
         cpu_millis: own.cpu_millis.or(default.cpu_millis),
         memory_bytes: own.memory_bytes.or(default.memory_bytes),
+        storage_bytes: own.storage_bytes.or(default.storage_bytes),
     }
 }

@@ -220,6 +220,9 @@ pub struct SpecRecord {
     #[serde(default)]
     pub launch: Launch,
     pub created_at_ms: u64,
+    /// Volumes and shares mounted into it.
+    #[serde(default)]
+    pub mounts: Vec<crate::provisioner::Mount>,
 }
 
 // ---------------------------------------------------------------------------------
@@ -303,6 +306,7 @@ pub fn server_pod(
         image: spec.image.clone(),
         launch: spec.launch.clone(),
         created_at_ms,
+        mounts: spec.mounts.clone(),
     };
     if let Some(a) = meta.annotations.as_mut() {
         // Serialising plain strings and numbers cannot fail.
@@ -790,6 +794,7 @@ pub fn server_from_pod(pod: &Pod) -> Result<Server, String> {
         ready_at_ms: None,
         last_activity_ms: record.created_at_ms,
         cull_exempt: annotation(ANNOTATION_CULL_EXEMPT).as_deref() == Some("true"),
+        mounts: record.mounts,
         pid: None,
         upstream: None,
     })
@@ -1190,6 +1195,7 @@ impl Inner {
                         ready_at_ms: None,
                         last_activity_ms: now,
                         cull_exempt: false,
+                        mounts: spec.mounts.clone(),
                         pid: None,
                         upstream: None,
                     },
@@ -1209,7 +1215,11 @@ impl Inner {
             &inner.opts.settings,
             &inner.opts.namespace,
             &profile,
-            Mounts::default(),
+            {
+                // PVC and NFS volumes of the user's mounts.
+                let (volumes, mounts) = crate::storage::pvc::pod_mounts(&spec.owner, &spec.mounts);
+                Mounts { volumes, mounts }
+            },
             now,
         );
         match inner.create_objects(&spec, &profile, pod, &token).await {

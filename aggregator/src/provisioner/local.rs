@@ -238,6 +238,7 @@ impl Provisioner for LocalProvisioner {
             ready_at_ms: None,
             last_activity_ms: now,
             cull_exempt: false,
+            mounts: spec.mounts,
         };
         let key = (row.owner.clone(), row.name.clone());
         {
@@ -302,6 +303,7 @@ impl Provisioner for LocalProvisioner {
         }
         inner.store.delete_server(&row.id).await?;
         inner.forget(&key, &row.id);
+        unlink_mounts(&inner.server_dir(owner, name).join("work"), &row.mounts);
         let runtime = inner.server_dir(owner, name).join("runtime");
         if let Err(e) = std::fs::remove_dir_all(&runtime)
             && e.kind() != std::io::ErrorKind::NotFound
@@ -428,6 +430,72 @@ fn not_found(owner: &str, name: &str) -> Error {
     Error::NotFound(format!("no server {owner}/{name}"))
 }
 
+/// Where a mount appears in the server's working directory (its home): the mount path
+/// relative to `/home/jovyan`. `None` for a path the API should have refused.
+fn mount_link(work: &Path, mount_path: &str) -> Option<PathBuf> {
+    let rel = mount_path
+        .strip_prefix(crate::storage::HOME)?
+        .strip_prefix('/')?;
+    let rel = Path::new(rel);
+    let normal = rel
+        .components()
+        .all(|c| matches!(c, std::path::Component::Normal(_)));
+    (normal && rel.components().next().is_some()).then(|| work.join(rel))
+}
+
+/// Makes each mount a symlink in the server's home (`/home/jovyan/work` → `work/`),
+/// replacing links left by an earlier server of the same name. Something real in the
+/// way is a conflict: the user's files are never moved or removed. Read-only is not
+/// enforced here: local servers run as the aggregator's Unix user.
+fn link_mounts(work: &Path, mounts: &[super::Mount]) -> Result<()> {
+    for m in mounts {
+        let (super::MountSource::Volume { local_path, .. }
+        | super::MountSource::Share { local_path, .. }) = &m.source;
+        let target = local_path.as_ref().ok_or_else(|| {
+            Error::Unavailable(format!(
+                "{} cannot be mounted on this host (no local path)",
+                m.mount_path
+            ))
+        })?;
+        let link = mount_link(work, &m.mount_path)
+            .ok_or_else(|| Error::BadRequest(format!("bad mount path {:?}", m.mount_path)))?;
+        let io = |source| Error::Io {
+            context: format!("linking {}", link.display()),
+            source,
+        };
+        if let Some(parent) = link.parent() {
+            std::fs::create_dir_all(parent).map_err(io)?;
+        }
+        match std::fs::symlink_metadata(&link) {
+            Ok(meta) if meta.file_type().is_symlink() => std::fs::remove_file(&link).map_err(io)?,
+            Ok(_) => {
+                return Err(Error::Conflict(format!(
+                    "{} already exists in this server's home; move it away or mount elsewhere",
+                    m.mount_path
+                )));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(e)),
+        }
+        std::os::unix::fs::symlink(target, &link).map_err(io)?;
+    }
+    Ok(())
+}
+
+/// Removes the links `link_mounts` made (only links: never files a user put there).
+fn unlink_mounts(work: &Path, mounts: &[super::Mount]) {
+    for m in mounts {
+        let Some(link) = mount_link(work, &m.mount_path) else {
+            continue;
+        };
+        if std::fs::symlink_metadata(&link).is_ok_and(|meta| meta.file_type().is_symlink())
+            && let Err(e) = std::fs::remove_file(&link)
+        {
+            tracing::warn!(error = %e, link = %link.display(), "could not remove a mount link");
+        }
+    }
+}
+
 /// The API-facing view of a row; the proxy's upstream only while running.
 fn view(row: &ServerRow) -> Server {
     let profile = row.launch.run_profile();
@@ -458,6 +526,7 @@ fn view(row: &ServerRow) -> Server {
         cull_exempt: row.cull_exempt,
         pid: row.pid,
         upstream,
+        mounts: row.mounts.clone(),
     }
 }
 
@@ -578,6 +647,7 @@ impl Inner {
         let runtime = dir.join("runtime");
         crate::auth::create_private_dir(&work)?;
         crate::auth::create_private_dir(&runtime)?;
+        link_mounts(&work, &row.mounts)?;
         let log_path = dir.join("server.log");
         let log = open_log(&log_path).map_err(|source| Error::Io {
             context: format!("creating {}", log_path.display()),
@@ -1133,6 +1203,7 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
                     port: 8888,
                 }),
             },
+            mounts: vec![],
         }
     }
 

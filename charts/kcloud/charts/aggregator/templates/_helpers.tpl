@@ -149,5 +149,8 @@ no fixed default anywhere. Called with (dict "ctx" . "name" NAME "key" KEY "leng
 {{- if not (hasPrefix "/" $s.path) -}}
 {{- fail (printf "nfsShares[%d].path %q: must be absolute" $i $s.path) -}}
 {{- end -}}
+{{- if gt (len $s.name) 57 -}}
+{{- fail (printf "nfsShares[%d].name %q: at most 57 characters (the pod volume is share-<name>)" $i $s.name) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
