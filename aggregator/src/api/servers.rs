@@ -624,6 +624,27 @@ async fn create_server(
     ApiPath(user): ApiPath<String>,
     ApiJson(req): ApiJson<CreateServer>,
 ) -> Result<(StatusCode, Json<ServerView>), ApiError> {
+    to_completion(create(s, caller, client, user, req)).await
+}
+
+/// Runs a create or delete to its end even when the client goes away: one dropped
+/// between the provisioner and the ledger would leave a server whose reservation the
+/// sweep later hands out again, or a deleted server whose devices stay held.
+async fn to_completion<T: Send + 'static>(
+    work: impl Future<Output = Result<T, ApiError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| ApiError(Error::Internal(format!("request task failed: {e}"))))?
+}
+
+async fn create(
+    s: AppState,
+    caller: Caller,
+    client: std::net::IpAddr,
+    user: String,
+    req: CreateServer,
+) -> Result<(StatusCode, Json<ServerView>), ApiError> {
     caller.may_see_user(&user)?;
     let owner = s
         .store()
@@ -753,6 +774,17 @@ async fn delete_server(
     ClientAddr(client): ClientAddr,
     ApiPath((user, name)): ApiPath<(String, String)>,
     ApiQuery(q): ApiQuery<DeleteQuery>,
+) -> Result<StatusCode, ApiError> {
+    to_completion(delete(s, caller, client, user, name, q)).await
+}
+
+async fn delete(
+    s: AppState,
+    caller: Caller,
+    client: std::net::IpAddr,
+    user: String,
+    name: String,
+    q: DeleteQuery,
 ) -> Result<StatusCode, ApiError> {
     let found = find(&s, &caller, &user, &name)?;
     let _serial = s.server_locks.lock(&user).await;
