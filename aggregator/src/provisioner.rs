@@ -234,6 +234,9 @@ pub struct ServerEvent {
     pub message: String,
 }
 
+/// Log text as it arrives (`follow_logs`).
+pub type LogStream = futures_util::stream::BoxStream<'static, Result<String>>;
+
 /// The provisioner boundary. Reads (`get`, `list`) answer from memory: the proxy calls
 /// `get` on every request.
 #[async_trait::async_trait]
@@ -259,6 +262,10 @@ pub trait Provisioner: Send + Sync {
 
     /// The last `tail` lines of the server's output, its token removed.
     async fn logs(&self, owner: &str, name: &str, tail: usize) -> Result<String>;
+
+    /// The last `tail` lines, then new output as it comes (whole lines, token
+    /// removed), until the server is gone or has ended.
+    async fn follow_logs(&self, owner: &str, name: &str, tail: usize) -> Result<LogStream>;
 
     /// The server's lifecycle events, oldest first.
     async fn events(&self, owner: &str, name: &str) -> Result<Vec<ServerEvent>>;

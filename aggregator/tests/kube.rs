@@ -1185,6 +1185,17 @@ async fn logs_and_events_come_from_the_api() {
                 .expect(Method::GET, &format!("{}/log", at(PODS, &pod)))
                 .await;
             fail(reply, 400, "BadRequest");
+
+            // Following: the API server's streamed log, token removed line by line.
+            let (_, query, reply) = fake
+                .expect(Method::GET, &format!("{}/log", at(PODS, &pod)))
+                .await;
+            assert!(
+                query.contains("follow=true") && query.contains("tailLines=5"),
+                "{query}"
+            );
+            let log = format!("one\ntoken={t}\ntwo\n", t = token.lock().unwrap());
+            reply.send_response(Response::new(Body::from(log.into_bytes())));
             assert!(fake.handle.next_request().await.is_none());
         }
     };
@@ -1198,6 +1209,14 @@ async fn logs_and_events_come_from_the_api() {
             assert_eq!(kinds, ["Pulling", "Created"], "oldest first");
             assert_eq!(events[0].at_ms, 1_767_225_601_000);
             assert_eq!(p.logs("alice", "lab", 50).await.unwrap(), "");
+            let followed: Vec<String> = futures_util::StreamExt::collect::<Vec<_>>(
+                p.follow_logs("alice", "lab", 5).await.unwrap(),
+            )
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+            assert_eq!(followed, ["one\n", "token=<token>\n", "two\n"]);
             assert!(matches!(
                 p.logs("bob", "x", 5).await,
                 Err(Error::NotFound(_))

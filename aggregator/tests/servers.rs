@@ -1053,6 +1053,73 @@ async fn idle_servers_are_culled_unless_working_or_exempt() {
     assert!(culled.contains(&"alice/idle".to_owned()) && culled.contains(&"alice/lab".to_owned()));
 }
 
+/// `.../logs?follow=true`: the tail, then new lines as the server writes them, and
+/// the response ends once the server is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_follow_a_server_until_it_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = App::start(&dir.path().join("data"), &[]).await;
+    let (_admin, alice, bob) = app.users().await;
+    let r = app
+        .call(
+            Method::POST,
+            "/api/v1/users/alice/servers",
+            Some(&alice),
+            Some(json!({"name": "ticker", "command": ["sh", "-c",
+                "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.2; done"]})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let logs = "/api/v1/users/alice/servers/ticker/logs?follow=true&tail=2";
+    // Another user learns nothing.
+    let r = app.call(Method::GET, logs, Some(&bob), None).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+
+    let mut resp = app
+        .client
+        .get(format!("{}{logs}", app.base))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // Lines keep arriving on the one open response.
+    while !seen.contains("tick 8\n") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let chunk = tokio::time::timeout(left, resp.chunk())
+            .await
+            .expect("new lines in time")
+            .unwrap()
+            .expect("still open");
+        seen.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    let ticks: Vec<u32> = seen
+        .lines()
+        .filter_map(|l| l.strip_prefix("tick ")?.parse().ok())
+        .collect();
+    assert!(
+        ticks.windows(2).all(|w| w[1] == w[0] + 1),
+        "in order, none lost or repeated: {ticks:?}"
+    );
+
+    let r = app
+        .call(
+            Method::DELETE,
+            "/api/v1/users/alice/servers/ticker",
+            Some(&alice),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        while resp.chunk().await.unwrap().is_some() {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the response ends when the server is gone");
+}
+
 fn sleeper(name: &str, devices: &[&str]) -> Value {
     json!({"name": name, "devices": devices, "cpu": "500m", "memory": "1Gi",
            "command": ["sleep", "600"]})

@@ -169,6 +169,8 @@ impl From<Server> for ServerView {
 pub struct LogQuery {
     /// Lines from the end (default 200, at most 10000).
     pub tail: Option<usize>,
+    /// Keep the response open and send new output as it comes, until the server ends.
+    pub follow: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -903,6 +905,25 @@ async fn server_logs(
     let tail = q.tail.unwrap_or(DEFAULT_LOG_LINES);
     if tail > MAX_LOG_LINES {
         return Err(Error::BadRequest(format!("tail: at most {MAX_LOG_LINES}")).into());
+    }
+    if q.follow == Some(true) {
+        let stream = s.provisioner.follow_logs(&user, &name, tail).await?;
+        // An error after the first byte can only end the stream; it is logged.
+        let body = axum::body::Body::from_stream(futures_util::StreamExt::map(stream, |chunk| {
+            chunk.map_err(|e| {
+                tracing::debug!(error = %e, "log follow ended");
+                std::io::Error::other(e.to_string())
+            })
+        }));
+        return Ok((
+            [
+                (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+                (header::CACHE_CONTROL, "no-cache"),
+                (header::HeaderName::from_static("x-accel-buffering"), "no"),
+            ],
+            body,
+        )
+            .into_response());
     }
     let text = s.provisioner.logs(&user, &name, tail).await?;
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())

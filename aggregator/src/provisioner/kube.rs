@@ -1064,6 +1064,45 @@ impl Provisioner for KubeProvisioner {
         }
     }
 
+    async fn follow_logs(&self, owner: &str, name: &str, tail: usize) -> Result<super::LogStream> {
+        use futures_util::{AsyncBufReadExt as _, StreamExt as _};
+        let inner = &self.inner;
+        let Some((pod, token)) = inner
+            .lock()
+            .get(&(owner.to_owned(), name.to_owned()))
+            .map(|e| (e.pod.clone(), e.token.clone()))
+        else {
+            return Err(Error::NotFound(format!("no server {owner}/{name}")));
+        };
+        let params = LogParams {
+            container: Some(CONTAINER.into()),
+            tail_lines: Some(i64::try_from(tail).unwrap_or(i64::MAX)),
+            follow: true,
+            ..Default::default()
+        };
+        // The API server ends the stream when the container stops.
+        let reader = inner
+            .call(
+                "following the server's log",
+                inner.pods.log_stream(&pod, &params),
+            )
+            .await?;
+        Ok(Box::pin(reader.lines().map(move |line| {
+            line.map(|l| {
+                let l = if token.is_empty() {
+                    l
+                } else {
+                    l.replace(&*token, "<token>")
+                };
+                format!("{l}\n")
+            })
+            .map_err(|source| Error::Io {
+                context: "following a pod log".into(),
+                source,
+            })
+        })))
+    }
+
     async fn events(&self, owner: &str, name: &str) -> Result<Vec<ServerEvent>> {
         let inner = &self.inner;
         let Some((uid, mut events)) = inner

@@ -30,8 +30,10 @@ use axum::http::{Request, header};
 use rustix::process::{Pid, Signal};
 use tokio_util::sync::CancellationToken;
 
+use futures_util::StreamExt as _;
+
 use super::{
-    Provisioner, Server, ServerEvent, ServerSpec, ServerStatus, Upstream, base_url,
+    LogStream, Provisioner, Server, ServerEvent, ServerSpec, ServerStatus, Upstream, base_url,
     validate_server_name,
 };
 use crate::ledger::Ledger;
@@ -350,6 +352,46 @@ impl Provisioner for LocalProvisioner {
         Ok(text.replace(&token, "<token>"))
     }
 
+    async fn follow_logs(&self, owner: &str, name: &str, tail: usize) -> Result<LogStream> {
+        let key = (owner.to_owned(), name.to_owned());
+        let (token, id) = self
+            .inner
+            .lock()
+            .get(&key)
+            .map(|e| (e.row.token.clone(), e.row.id.clone()))
+            .ok_or_else(|| not_found(owner, name))?;
+        let path = self.inner.server_dir(owner, name).join("server.log");
+        // Where following starts: the end as it is now; the tail is what lies before.
+        // The tail is what the file holds now, up to its last whole line; following
+        // goes on from there, so no line is lost, repeated or cut in two.
+        let tail_path = path.clone();
+        let (first, start) =
+            tokio::task::spawn_blocking(move || whole_lines_tail(&tail_path, tail))
+                .await
+                .map_err(|e| Error::Internal(format!("log task failed: {e}")))?
+                .map_err(|source| Error::Io {
+                    context: "reading a server log".into(),
+                    source,
+                })?;
+        let first = first.replace(&token, "<token>");
+        let follow = LogFollow {
+            inner: self.inner.clone(),
+            key,
+            id,
+            token,
+            path,
+            offset: start,
+            partial: Vec::new(),
+            idle_after_end: 0,
+        };
+        let rest = futures_util::stream::unfold(follow, |mut f| async move {
+            f.next_chunk().await.map(|chunk| (chunk, f))
+        });
+        Ok(Box::pin(
+            futures_util::stream::once(async move { Ok(first) }).chain(rest),
+        ))
+    }
+
     async fn events(&self, owner: &str, name: &str) -> Result<Vec<ServerEvent>> {
         let id = self
             .inner
@@ -527,6 +569,75 @@ fn view(row: &ServerRow) -> Server {
         pid: row.pid,
         upstream,
         mounts: row.mounts.clone(),
+    }
+}
+
+/// Following one server's log file: whole new lines every [`FOLLOW_POLL`].
+struct LogFollow {
+    inner: Arc<Inner>,
+    key: Key,
+    id: String,
+    token: String,
+    path: PathBuf,
+    offset: u64,
+    /// The start of a line whose end has not been written yet.
+    partial: Vec<u8>,
+    /// Polls since the server ended; a few more read what it wrote last.
+    idle_after_end: u32,
+}
+
+/// How often a followed log is read for new output.
+const FOLLOW_POLL: Duration = Duration::from_millis(200);
+
+impl LogFollow {
+    /// The next complete lines, or `None` once the server is gone or has ended and
+    /// its last output was sent.
+    async fn next_chunk(&mut self) -> Option<Result<String>> {
+        loop {
+            let live = self
+                .inner
+                .lock()
+                .get(&self.key)
+                .filter(|e| e.row.id == self.id)
+                .is_some_and(|e| {
+                    matches!(e.row.status, ServerStatus::Pending | ServerStatus::Running)
+                });
+            if !live {
+                self.idle_after_end += 1;
+                if self.idle_after_end > 2 {
+                    return None;
+                }
+            }
+            let (path, offset) = (self.path.clone(), self.offset);
+            let read = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+                let mut f = std::fs::File::open(path)?;
+                f.seek(SeekFrom::Start(offset))?;
+                let mut buf = Vec::new();
+                f.take(LOG_TAIL_BYTES).read_to_end(&mut buf)?;
+                Ok(buf)
+            })
+            .await;
+            let bytes = match read {
+                Ok(Ok(b)) => b,
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                Ok(Err(source)) => {
+                    return Some(Err(Error::Io {
+                        context: "following a server log".into(),
+                        source,
+                    }));
+                }
+                Err(e) => return Some(Err(Error::Internal(format!("log task failed: {e}")))),
+            };
+            self.offset += bytes.len() as u64;
+            self.partial.extend_from_slice(&bytes);
+            // Whole lines only, so that a token is never split across two chunks.
+            if let Some(end) = self.partial.iter().rposition(|&b| b == b'\n') {
+                let lines: Vec<u8> = self.partial.drain(..=end).collect();
+                let text = String::from_utf8_lossy(&lines).replace(&self.token, "<token>");
+                return Some(Ok(text));
+            }
+            tokio::time::sleep(FOLLOW_POLL).await;
+        }
     }
 }
 
@@ -1129,6 +1240,31 @@ fn tail_lines(path: &Path, n: usize, max_bytes: u64) -> std::io::Result<String> 
     Ok(out)
 }
 
+/// The last `n` whole lines of a log (at most [`LOG_TAIL_BYTES`] of it), and the
+/// offset just after the last of them: where following goes on.
+fn whole_lines_tail(path: &Path, n: usize) -> std::io::Result<(String, u64)> {
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((String::new(), 0)),
+        Err(e) => return Err(e),
+    };
+    let len = f.metadata()?.len();
+    let from = len.saturating_sub(LOG_TAIL_BYTES);
+    f.seek(SeekFrom::Start(from))?;
+    let mut buf = Vec::new();
+    f.take(len - from).read_to_end(&mut buf)?;
+    let whole = buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let mut lines: Vec<&[u8]> = buf[..whole].split_inclusive(|&b| b == b'\n').collect();
+    if from > 0 && !lines.is_empty() {
+        lines.remove(0); // cut mid-line
+    }
+    let text: Vec<u8> = lines[lines.len().saturating_sub(n)..].concat();
+    Ok((
+        String::from_utf8_lossy(&text).into_owned(),
+        from + whole as u64,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1572,6 +1708,20 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
         assert!(alive(std::process::id(), Some(me.start)));
         assert!(!alive(std::process::id(), Some(me.start + 1)));
         assert!(!alive(std::process::id(), None));
+    }
+
+    #[test]
+    fn following_starts_after_the_last_whole_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        std::fs::write(&path, "a\nb\nc\npart").unwrap();
+        let (text, at) = whole_lines_tail(&path, 2).unwrap();
+        assert_eq!(text, "b\nc\n");
+        assert_eq!(at, 6, "the unfinished line is followed, not tailed");
+        assert_eq!(
+            whole_lines_tail(&dir.path().join("none"), 5).unwrap(),
+            (String::new(), 0)
+        );
     }
 
     #[test]
