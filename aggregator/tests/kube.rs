@@ -1641,3 +1641,74 @@ async fn the_servers_api_on_the_cluster_shape() {
     shutdown.cancel();
     served.await.unwrap().unwrap();
 }
+
+/// An admin's idle-culling exemption is kept on the pod, where recovery reads it.
+#[tokio::test]
+async fn a_culling_exemption_is_a_pod_annotation() {
+    let (p, mut fake) = provisioner(PinningMode::Env, empty_ledger());
+    let pod = pod_name("alice", "lab");
+    let fake_side = async move {
+        let (body, _, reply) = fake.expect(Method::POST, PODS).await;
+        let mut patched = body.clone();
+        created(reply, body, "uid-1");
+        let (body, _, reply) = fake.expect(Method::POST, SECRETS).await;
+        created(reply, body, "uid-2");
+        let (body, _, reply) = fake.expect(Method::PATCH, &at(PODS, &pod)).await;
+        assert_eq!(
+            body,
+            json!({"metadata": {"annotations": {"kcloud.io/cull-exempt": "true"}}})
+        );
+        patched["metadata"]["uid"] = json!("uid-1");
+        patched["metadata"]["annotations"]["kcloud.io/cull-exempt"] = json!("true");
+        respond(reply, StatusCode::OK, patched.clone());
+        // Ending it removes the annotation (a merge patch with null).
+        let (body, _, reply) = fake.expect(Method::PATCH, &at(PODS, &pod)).await;
+        assert_eq!(
+            body,
+            json!({"metadata": {"annotations": {"kcloud.io/cull-exempt": null}}})
+        );
+        respond(reply, StatusCode::OK, patched);
+        assert!(fake.handle.next_request().await.is_none());
+    };
+    scenario(
+        async move {
+            p.create(spec(&[])).await.unwrap();
+            let s = p.set_cull_exempt("alice", "lab", true).await.unwrap();
+            assert!(s.unwrap().cull_exempt);
+            assert!(p.get("alice", "lab").unwrap().cull_exempt);
+            let s = p.set_cull_exempt("alice", "lab", false).await.unwrap();
+            assert!(!s.unwrap().cull_exempt);
+            assert!(p.set_cull_exempt("bob", "x", true).await.unwrap().is_none());
+        },
+        fake_side,
+    )
+    .await;
+}
+
+#[test]
+fn recovery_reads_the_exemption_and_the_spec_back_from_the_pod() {
+    let s = spec(&["MIG-aaaa"]);
+    let p = Profile::for_launch(&s.owner, &s.name, &s.launch);
+    let mut pod = to_json(&server_pod(
+        &s,
+        &settings(PinningMode::Env),
+        NS,
+        &p,
+        Mounts::default(),
+        42,
+    ));
+    pod["metadata"]["uid"] = json!("uid-9");
+    let read = |pod: &Value| {
+        kcloud_aggregator::provisioner::kube::server_from_pod(
+            &serde_json::from_value(pod.clone()).unwrap(),
+        )
+        .unwrap()
+    };
+    let back = read(&pod);
+    assert!(!back.cull_exempt);
+    assert_eq!(back.devices, ["MIG-aaaa"]);
+    assert_eq!(back.created_at_ms, 42);
+    assert_eq!(back.launch, s.launch);
+    pod["metadata"]["annotations"]["kcloud.io/cull-exempt"] = json!("true");
+    assert!(read(&pod).cull_exempt);
+}
