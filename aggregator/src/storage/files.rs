@@ -29,6 +29,8 @@ pub const DEFAULT_LIMIT: usize = 500;
 pub const MAX_LIMIT: usize = 5000;
 /// Prefix of upload temporaries (hidden, so listings skip them by default).
 const UPLOAD_PREFIX: &str = ".kcloud-upload-";
+/// An upload temporary untouched this long is a leftover.
+const STALE_UPLOAD: std::time::Duration = std::time::Duration::from_secs(3600);
 /// Directory depth the usage walk descends to.
 const MAX_WALK_DEPTH: usize = 256;
 
@@ -171,7 +173,10 @@ impl Root {
         Ok((dir, name.to_owned()))
     }
 
-    /// Apparent size of all regular files below the root (links not followed).
+    /// Apparent size of all regular files below the root (links not followed). On
+    /// the way, removes upload temporaries that nobody has written to for
+    /// [`STALE_UPLOAD`]: left by an aggregator killed mid-upload (a live upload keeps
+    /// its temporary's modification time fresh).
     pub fn usage(&self) -> Result<u64> {
         fn walk(dir: &Dir, depth: usize) -> io::Result<u64> {
             let mut total = 0u64;
@@ -181,7 +186,17 @@ impl Root {
                 if ft.is_dir() && depth < MAX_WALK_DEPTH {
                     total = total.saturating_add(walk(&e.open_dir()?, depth + 1)?);
                 } else if ft.is_file() {
-                    total = total.saturating_add(e.metadata()?.len());
+                    let meta = e.metadata()?;
+                    let stale = e.file_name().to_string_lossy().starts_with(UPLOAD_PREFIX)
+                        && meta
+                            .modified()
+                            .ok()
+                            .and_then(|m| m.into_std().elapsed().ok())
+                            .is_some_and(|age| age > STALE_UPLOAD);
+                    if stale && dir.remove_file(e.file_name()).is_ok() {
+                        continue;
+                    }
+                    total = total.saturating_add(meta.len());
                 }
             }
             Ok(total)
@@ -558,6 +573,35 @@ fn io_error(e: io::Error, path: &str) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_usage_walk_removes_stale_upload_leftovers_only() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        let old = dir.path().join("sub").join(format!("{UPLOAD_PREFIX}dead"));
+        let live = dir.path().join(format!("{UPLOAD_PREFIX}live"));
+        let kept = dir.path().join("data.bin");
+        for p in [&old, &live, &kept] {
+            std::fs::write(p, [0u8; 100]).unwrap();
+        }
+        let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        std::fs::File::options()
+            .write(true)
+            .open(&old)
+            .unwrap()
+            .set_modified(two_hours_ago)
+            .unwrap();
+        // A user's own file that is merely old is never touched.
+        std::fs::File::options()
+            .write(true)
+            .open(&kept)
+            .unwrap()
+            .set_modified(two_hours_ago)
+            .unwrap();
+        let root = Root::open(dir.path(), false).unwrap();
+        assert_eq!(root.usage().unwrap(), 200);
+        assert!(!old.exists() && live.exists() && kept.exists());
+    }
 
     #[test]
     fn paths() {
