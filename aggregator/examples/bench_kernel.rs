@@ -216,6 +216,11 @@ fn sorted(mut v: Vec<f64>) -> Vec<f64> {
     v
 }
 
+/// A measured path: its label and whether the client acknowledges at once.
+type PathKey = (String, bool);
+/// One round's round-trip times, ms.
+type RoundSamples = Vec<f64>;
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let args = match parse_args() {
@@ -225,8 +230,7 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    // (label, quickack) -> per-round samples
-    let mut rows: Vec<((String, bool), Vec<Vec<f64>>)> = Vec::new();
+    let mut rows: Vec<(PathKey, Vec<RoundSamples>)> = Vec::new();
     for (label, _) in &args.targets {
         for &q in &args.quickack {
             rows.push(((label.clone(), q), Vec::new()));

@@ -13,7 +13,6 @@ mod session;
 mod users;
 mod volumes;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -319,8 +318,8 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         let ip = parts
             .extensions
-            .get::<axum::extract::ConnectInfo<SocketAddr>>()
-            .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
+            .get::<axum::extract::ConnectInfo<crate::proxy::Connection>>()
+            .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0.addr.ip());
         Ok(ClientAddr(ip))
     }
 }

@@ -13,12 +13,16 @@
 //! (browsers) the proxy refuses writes and websocket handshakes whose `Origin` is not
 //! this host.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
+use axum::extract::connect_info::Connected;
 use axum::extract::ws::{self, WebSocket, WebSocketUpgrade};
-use axum::extract::{FromRequestParts, Request, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -71,6 +75,9 @@ async fn proxy(State(s): State<AppState>, req: Request) -> Response {
 }
 
 async fn handle(s: &AppState, req: Request) -> Result<Response, Error> {
+    if let Some(ConnectInfo(conn)) = req.extensions().get::<ConnectInfo<Connection>>() {
+        conn.nodelay();
+    }
     let (owner, name, rest) =
         split_path(req.uri().path()).ok_or_else(|| Error::NotFound("no such server".into()))?;
     let (owner, name) = (owner.to_owned(), name.to_owned());
@@ -186,6 +193,120 @@ fn check_origin(
         _ => Err(Error::Forbidden(
             "cross-origin request to a server refused (Origin does not match this host)".into(),
         )),
+    }
+}
+
+/// The listener [`crate::App::serve`] accepts on. Accepted connections keep Nagle's
+/// algorithm (TCP_NODELAY on every connection cost a third of the inventory ingest
+/// rate), but one that carries a proxied request turns it off ([`Connection::nodelay`]):
+/// a kernel execution's replies are a burst of small websocket messages, and with
+/// Nagle on, all but the first wait for the browser's delayed ACK (~40 ms).
+pub struct Listener(pub tokio::net::TcpListener);
+
+impl axum::serve::Listener for Listener {
+    type Io = ClientStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (ClientStream, SocketAddr) {
+        // axum's own accept, which logs and retries accept errors.
+        let (tcp, addr) = axum::serve::Listener::accept(&mut self.0).await;
+        let stream = ClientStream {
+            tcp,
+            nodelay: Arc::default(),
+            applied: false,
+        };
+        (stream, addr)
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.0.local_addr()
+    }
+}
+
+/// What a request knows of its connection (`ConnectInfo<Connection>`).
+#[derive(Clone, Debug)]
+pub struct Connection {
+    pub addr: SocketAddr,
+    nodelay: Arc<AtomicBool>,
+}
+
+impl Connection {
+    /// TCP_NODELAY on this connection from its next write on (the response's head).
+    pub fn nodelay(&self) {
+        self.nodelay.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Connected<axum::serve::IncomingStream<'_, Listener>> for Connection {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, Listener>) -> Self {
+        Connection {
+            addr: *stream.remote_addr(),
+            nodelay: stream.io().nodelay.clone(),
+        }
+    }
+}
+
+/// An accepted connection that sets TCP_NODELAY on its socket once asked to.
+pub struct ClientStream {
+    tcp: TcpStream,
+    nodelay: Arc<AtomicBool>,
+    applied: bool,
+}
+
+impl ClientStream {
+    fn apply_nodelay(&mut self) {
+        if !self.applied && self.nodelay.load(Ordering::Relaxed) {
+            self.applied = true;
+            let _ = self.tcp.set_nodelay(true);
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for ClientStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for ClientStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.apply_nodelay();
+        std::pin::Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.apply_nodelay();
+        std::pin::Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_shutdown(cx)
     }
 }
 
@@ -586,6 +707,33 @@ fn to_client(m: tungstenite::Message) -> Option<ws::Message> {
 
 #[cfg(test)]
 mod tests {
+    /// A proxied request's connection gets TCP_NODELAY at its next write; others keep
+    /// Nagle's algorithm.
+    #[tokio::test]
+    async fn client_stream_sets_nodelay_only_when_asked() {
+        use axum::serve::Listener as _;
+        use tokio::io::AsyncWriteExt;
+
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let mut listener = Listener(tcp);
+        for ask in [false, true] {
+            let client = TcpStream::connect(addr).await.unwrap();
+            let (mut stream, peer) = listener.accept().await;
+            assert_eq!(peer, client.local_addr().unwrap());
+            let conn = Connection {
+                addr: peer,
+                nodelay: stream.nodelay.clone(),
+            };
+            assert!(!stream.tcp.nodelay().unwrap());
+            if ask {
+                conn.nodelay();
+            }
+            stream.write_all(b"x").await.unwrap();
+            assert_eq!(stream.tcp.nodelay().unwrap(), ask);
+        }
+    }
+
     use std::net::SocketAddr;
     use std::sync::Arc;
 
