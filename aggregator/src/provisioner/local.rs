@@ -141,18 +141,27 @@ impl Provisioner for LocalProvisioner {
     async fn recover(&self) -> Result<Vec<Server>> {
         let inner = &self.inner;
         let mut out = Vec::new();
+        // Found by the id they carry, not by the recorded pid: a kill between starting
+        // a process and recording its pid leaves a row without one.
+        let mut tagged = tokio::task::spawn_blocking(tagged_processes)
+            .await
+            .map_err(|e| Error::Internal(format!("process scan failed: {e}")))?;
         for mut row in inner.store.servers().await? {
+            let strays = tagged.remove(&row.id).unwrap_or_default();
+            // Whether to watch it (and whether it answers yet), once it is in the map.
+            let mut adopted = None;
             match row.status {
                 ServerStatus::Stopping => {
                     // A delete was cut short: finish it.
                     if let Some(pid) = row.pid {
                         stop_process(pid, row.pid_start, inner.opts.stop_grace).await;
                     }
+                    stop_strays(&strays, inner.opts.stop_grace).await;
                     inner.store.delete_server(&row.id).await?;
                     tracing::info!(owner = %row.owner, server = %row.name, "finished an interrupted delete");
                     continue;
                 }
-                ServerStatus::Failed => {}
+                ServerStatus::Failed => stop_strays(&strays, inner.opts.stop_grace).await,
                 ServerStatus::Pending | ServerStatus::Running => {
                     let live = row.pid.is_some_and(|pid| alive(pid, row.pid_start));
                     if live {
@@ -178,18 +187,17 @@ impl Provisioner for LocalProvisioner {
                                 ),
                             )
                             .await;
-                        tokio::spawn(watch(
-                            inner.clone(),
-                            (row.owner.clone(), row.name.clone()),
-                            row.id.clone(),
-                            None,
-                            ready,
-                        ));
+                        adopted = Some(ready);
                     } else {
                         row.status = ServerStatus::Failed;
-                        row.reason = Some(
-                            "its process ended while kcloud-aggregator was not running".into(),
-                        );
+                        row.reason = Some(if strays.is_empty() {
+                            "its process ended while kcloud-aggregator was not running".into()
+                        } else {
+                            // Started but never recorded: nothing knows its pid to
+                            // watch it, so it is stopped rather than adopted.
+                            stop_strays(&strays, inner.opts.stop_grace).await;
+                            "kcloud-aggregator stopped while starting it; stopped".into()
+                        });
                         inner.store.save_server(row.clone()).await?;
                         inner
                             .event(&row.id, "Failed", row.reason.clone().unwrap_or_default())
@@ -200,14 +208,20 @@ impl Provisioner for LocalProvisioner {
             tracing::info!(owner = %row.owner, server = %row.name, status = row.status.as_str(), "server recovered");
             out.push(view(&row));
             let key = (row.owner.clone(), row.name.clone());
+            let id = row.id.clone();
             let saved_activity_ms = row.last_activity_ms;
             inner.lock().insert(
-                key,
+                key.clone(),
                 Entry {
                     row,
                     saved_activity_ms,
                 },
             );
+            // Only now: a watch that starts before the entry exists ends at once, and
+            // the server would stay pending (or its death unnoticed) for good.
+            if let Some(ready) = adopted {
+                tokio::spawn(watch(inner.clone(), key, id, None, ready));
+            }
         }
         Ok(out)
     }
@@ -828,6 +842,8 @@ impl Inner {
             .env("JUPYTER_CONFIG_PATH", &config)
             .env("KCLOUD_USER", &row.owner)
             .env("KCLOUD_SERVER", &row.name)
+            // Lets a restart find the process even if its pid was never recorded.
+            .env(SERVER_ID_ENV, &row.id)
             .env("KCLOUD_PORT", port.to_string())
             .env("KCLOUD_BASE_URL", &base)
             .stdin(Stdio::null())
@@ -1081,6 +1097,69 @@ async fn stop_process(pid: u32, start: Option<u64>, grace: Duration) {
         && Instant::now() < deadline
     {
         tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Environment variable that tags a server's processes with the server's id.
+const SERVER_ID_ENV: &str = "KCLOUD_SERVER_ID";
+
+/// A live process carrying [`SERVER_ID_ENV`]: a server's process or a descendant.
+#[derive(Debug, Clone, Copy)]
+struct Stray {
+    pid: u32,
+    start: u64,
+    /// Leads its own process group (the server's process, or a kernel in its session).
+    leader: bool,
+}
+
+/// Live processes carrying [`SERVER_ID_ENV`], by server id.
+fn tagged_processes() -> HashMap<String, Vec<Stray>> {
+    let mut out: HashMap<String, Vec<Stray>> = HashMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    let prefix = format!("{SERVER_ID_ENV}=");
+    for pid in dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()) {
+        // Other users' processes are unreadable, and cannot be ours.
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        let Some(id) = env
+            .split(|b| *b == 0)
+            .find_map(|kv| kv.strip_prefix(prefix.as_bytes()))
+            .and_then(|id| std::str::from_utf8(id).ok())
+        else {
+            continue;
+        };
+        let Some(stat) = proc_stat(pid).filter(|s| !matches!(s.state, b'Z' | b'X' | b'x')) else {
+            continue;
+        };
+        let leader = Pid::from_raw(pid as i32)
+            .and_then(|p| rustix::process::getpgid(Some(p)).ok())
+            .is_some_and(|g| g.as_raw_pid() as u32 == pid);
+        out.entry(id.to_owned()).or_default().push(Stray {
+            pid,
+            start: stat.start,
+            leader,
+        });
+    }
+    out
+}
+
+/// Stops processes found by [`tagged_processes`]: each leader's group as a delete
+/// does, then SIGKILL to any process still left.
+async fn stop_strays(strays: &[Stray], grace: Duration) {
+    for s in strays.iter().filter(|s| s.leader) {
+        tracing::warn!(
+            pid = s.pid,
+            "stopping a server process that no record points to"
+        );
+        stop_process(s.pid, Some(s.start), grace).await;
+    }
+    for s in strays.iter().filter(|s| alive(s.pid, Some(s.start))) {
+        if let Some(p) = Pid::from_raw(s.pid as i32) {
+            let _ = rustix::process::kill_process(p, Signal::KILL);
+        }
     }
 }
 
@@ -1660,6 +1739,43 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
         let start = proc_stat(pid).map(|s| s.start);
         p.delete("alice", "live").await.unwrap().unwrap();
         assert!(!alive(pid, start));
+        p.shutdown().await;
+    }
+
+    /// Regression (SIGKILL fault test): killed between starting a process and recording
+    /// its pid, the restart failed the row and left the process running, untracked.
+    #[tokio::test]
+    async fn a_start_cut_short_before_its_pid_was_recorded_is_stopped_at_restart() {
+        let f = fixture();
+        let s =
+            f.p.create(spec("cut", &["MIG-a"], &["sleep", "600"]))
+                .await
+                .unwrap();
+        let pid = s.pid.unwrap();
+        let start = proc_stat(pid).map(|s| s.start);
+        f.p.shutdown().await;
+        // The row as the kill left it: pending, no pid.
+        let mut row = f.store.servers().await.unwrap().remove(0);
+        (row.pid, row.pid_start) = (None, None);
+        f.store.save_server(row).await.unwrap();
+
+        let p = LocalProvisioner::new(
+            f.store.clone(),
+            Arc::new(Ledger::new()),
+            options(f.dir.path()),
+        );
+        let servers = p.recover().await.unwrap();
+        assert_eq!(servers[0].status, ServerStatus::Failed);
+        assert!(
+            servers[0]
+                .reason
+                .as_deref()
+                .unwrap()
+                .contains("while starting it"),
+            "{:?}",
+            servers[0].reason
+        );
+        assert!(!alive(pid, start), "its process is stopped");
         p.shutdown().await;
     }
 
