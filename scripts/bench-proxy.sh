@@ -287,7 +287,9 @@ import http.client, json, socket, statistics, subprocess, sys, time
 
 base, bearer, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 host, port = base.removeprefix("http://").split(":")
-cmd = ["python3", "-m", "http.server", "--bind", "127.0.0.1", "{port}"]
+# The interpreter by absolute path on both sides: a bare `python3` can resolve to a
+# pyenv shim (a bash script adding ~45 ms) for one side and not the other.
+cmd = [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "{port}"]
 POLL = 0.002  # both sides are polled at the same interval
 
 def free_port():
