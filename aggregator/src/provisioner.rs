@@ -164,6 +164,20 @@ pub struct Upstream {
     pub strip_prefix: Option<Arc<str>>,
 }
 
+impl Upstream {
+    /// How the proxy reaches `owner/name` at `addr`, as its IDE profile says: the token
+    /// only for an IDE that checks it, and the prefix stripped for one served at `/`.
+    pub fn new(owner: &str, name: &str, launch: &Launch, addr: SocketAddr, token: &str) -> Self {
+        let run = launch.run_profile();
+        Upstream {
+            addr,
+            token: run.is_jupyter().then(|| Arc::from(token)),
+            strip_prefix: (run.base_url == crate::profile::BaseUrl::Strip)
+                .then(|| Arc::from(base_url(owner, name).trim_end_matches('/'))),
+        }
+    }
+}
+
 impl fmt::Debug for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Upstream")

@@ -1713,20 +1713,13 @@ fn apply(e: &mut Entry, o: Observed) -> Action {
     }
 }
 
-/// Kubernetes' answers as our errors. The cluster's own messages reach clients only
-/// where they describe the request (invalid, conflict); the rest is logged.
-/// How the proxy reaches a running server: its token only for an IDE that checks it,
-/// and the prefix stripped for one served at `/`.
+/// How the proxy reaches a running server's pod.
 fn upstream(s: &Server, addr: SocketAddr, token: Arc<str>) -> Upstream {
-    let run = s.launch.run_profile();
-    Upstream {
-        addr,
-        token: run.is_jupyter().then_some(token),
-        strip_prefix: (run.base_url == crate::profile::BaseUrl::Strip)
-            .then(|| Arc::from(base_url(&s.owner, &s.name).trim_end_matches('/'))),
-    }
+    Upstream::new(&s.owner, &s.name, &s.launch, addr, &token)
 }
 
+/// Kubernetes' answers as our errors. The cluster's own messages reach clients only
+/// where they describe the request (invalid, conflict); the rest is logged.
 fn api_error(what: &str, e: kube::Error) -> Error {
     match &e {
         kube::Error::Api(s) if s.is_not_found() => Error::NotFound(format!("{what}: not found")),

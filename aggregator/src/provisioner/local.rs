@@ -37,7 +37,6 @@ use super::{
     validate_server_name,
 };
 use crate::ledger::Ledger;
-use crate::profile::BaseUrl;
 use crate::proxy::{HttpClient, http_client};
 use crate::store::{ServerRow, Store, validate_user_name};
 use crate::{Error, Result, now_ms};
@@ -554,14 +553,14 @@ fn unlink_mounts(work: &Path, mounts: &[super::Mount]) {
 
 /// The API-facing view of a row; the proxy's upstream only while running.
 fn view(row: &ServerRow) -> Server {
-    let profile = row.launch.run_profile();
     let upstream = match (row.status, row.port) {
-        (ServerStatus::Running, Some(port)) => Some(Upstream {
-            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
-            token: profile.is_jupyter().then(|| Arc::from(row.token.as_str())),
-            strip_prefix: (profile.base_url == BaseUrl::Strip)
-                .then(|| Arc::from(base_url(&row.owner, &row.name).trim_end_matches('/'))),
-        }),
+        (ServerStatus::Running, Some(port)) => Some(Upstream::new(
+            &row.owner,
+            &row.name,
+            &row.launch,
+            SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+            &row.token,
+        )),
         _ => None,
     };
     Server {
@@ -1293,19 +1292,25 @@ fn new_token() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The last `n` lines of a file, reading at most `max_bytes` from its end; a missing
-/// file is empty.
-fn tail_lines(path: &Path, n: usize, max_bytes: u64) -> std::io::Result<String> {
+/// The last `max_bytes` of a file and the offset they start at; a missing file is
+/// empty (a server that has not written yet).
+fn read_end(path: &Path, max_bytes: u64) -> std::io::Result<(Vec<u8>, u64)> {
     let mut f = match std::fs::File::open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(String::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
         Err(e) => return Err(e),
     };
-    let len = f.metadata()?.len();
-    let from = len.saturating_sub(max_bytes);
+    let from = f.metadata()?.len().saturating_sub(max_bytes);
     f.seek(SeekFrom::Start(from))?;
     let mut buf = Vec::new();
     f.take(max_bytes).read_to_end(&mut buf)?;
+    Ok((buf, from))
+}
+
+/// The last `n` lines of a file, reading at most `max_bytes` from its end; a missing
+/// file is empty.
+fn tail_lines(path: &Path, n: usize, max_bytes: u64) -> std::io::Result<String> {
+    let (buf, from) = read_end(path, max_bytes)?;
     let text = String::from_utf8_lossy(&buf);
     let mut lines: Vec<&str> = text.lines().collect();
     if from > 0 && !lines.is_empty() {
@@ -1322,16 +1327,7 @@ fn tail_lines(path: &Path, n: usize, max_bytes: u64) -> std::io::Result<String> 
 /// The last `n` whole lines of a log (at most [`LOG_TAIL_BYTES`] of it), and the
 /// offset just after the last of them: where following goes on.
 fn whole_lines_tail(path: &Path, n: usize) -> std::io::Result<(String, u64)> {
-    let mut f = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((String::new(), 0)),
-        Err(e) => return Err(e),
-    };
-    let len = f.metadata()?.len();
-    let from = len.saturating_sub(LOG_TAIL_BYTES);
-    f.seek(SeekFrom::Start(from))?;
-    let mut buf = Vec::new();
-    f.take(len - from).read_to_end(&mut buf)?;
+    let (buf, from) = read_end(path, LOG_TAIL_BYTES)?;
     let whole = buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
     let mut lines: Vec<&[u8]> = buf[..whole].split_inclusive(|&b| b == b'\n').collect();
     if from > 0 && !lines.is_empty() {
