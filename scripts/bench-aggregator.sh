@@ -22,7 +22,7 @@
 #           and for GET /api/v1/gpus/summary; plus -c1 runs (C1_SECS) for the service
 #           time without queueing.
 #   4 memory  VmRSS and VmHWM (/proc/<pid>/status) after the load and at the end.
-#   5 ledger  target/release/examples/bench_ledger (in-process; no HTTP endpoint for
+#   5 ledger  target/release/examples/bench_ledger (kcloud-cluster, in-process; no HTTP endpoint for
 #           reservations yet): reserve+commit/s with 1 and 2 threads, double-grant checks.
 # Per phase, the CPU used by processes other than this benchmark's (server, wrk,
 # python, curl) is recorded: the machine may be shared, so all figures are medians
@@ -73,10 +73,10 @@ CLK_TCK=$(getconf CLK_TCK)
 
 # --- build -------------------------------------------------------------------------
 # --bins as well: `--examples` alone builds only the examples.
-log "cargo build --release -p kcloud-aggregator --bins --examples"
-cargo build --release --locked -p kcloud-aggregator --bins --examples || {
+log "cargo build --release -p kcloud-aggregator --bins; -p kcloud-cluster --example bench_ledger"
+cargo build --release --locked -p kcloud-aggregator --bins -p kcloud-cluster --example bench_ledger || {
   log "Cargo.lock is not up to date; building without --locked"
-  cargo build --release -p kcloud-aggregator --bins --examples
+  cargo build --release -p kcloud-aggregator --bins -p kcloud-cluster --example bench_ledger
 }
 TARGET_DIR=$(cargo metadata --format-version 1 --no-deps |
   python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
@@ -334,7 +334,7 @@ echo
 echo "Server: $SERVER_CPU_S s of CPU over the HTTP phases; the aggregator ran with 2 tokio workers (one per CPU) and shared both CPUs with wrk."
 if [[ -n $LEDGER_OUT ]]; then
   echo
-  sed -n '/^bench_ledger:/,$p' "$LEDGER_OUT" | sed '1s/^bench_ledger: /In-process ledger (`cargo run --release -p kcloud-aggregator --example bench_ledger`): /'
+  sed -n '/^bench_ledger:/,$p' "$LEDGER_OUT" | sed '1s/^bench_ledger: /In-process ledger (`cargo run --release -p kcloud-cluster --example bench_ledger`): /'
   echo
   echo "In-process \`Inventory::ingest\` of a new node (layout indexed, no HTTP/JSON): median $(fmt "$(grep '^RESULT ingest_inprocess_median=' "$LEDGER_OUT" | cut -d= -f2)" 0) nodes/s."
 fi

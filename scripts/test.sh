@@ -46,7 +46,7 @@ if ! command -v code-server >/dev/null; then
 fi
 
 # kubernetes-validate: the kube provisioner's objects are checked against Kubernetes'
-# own JSON schemas (aggregator/tests/kube.rs).
+# own JSON schemas (aggregator/tests/it/kube.rs).
 if ! command -v kubernetes-validate >/dev/null; then
   echo "==> installing: kubernetes-validate (pip)"
   python3 -m pip install --quiet kubernetes-validate \
@@ -64,6 +64,12 @@ if [ ! -d tests/browser/node_modules/playwright-core ]; then
   (cd tests/browser && npm ci --no-audit --no-fund --silent)
 fi
 
+# cargo-nextest: the test groups that keep one JupyterLab at a time need it.
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "==> installing: cargo-nextest (cargo install)"
+  cargo install --locked --quiet cargo-nextest
+fi
+
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 
@@ -71,9 +77,5 @@ echo "==> cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "==> tests"
-if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --locked --no-fail-fast "$@"
-else
-  cargo test --workspace --locked --no-fail-fast "$@"
-fi
+cargo nextest run --workspace --locked --no-fail-fast "$@"
 ./scripts/check-chart.sh

@@ -154,13 +154,7 @@ fn validate_node_name(name: &str) -> Result<()> {
 }
 
 /// `5s`, `500ms`, `1h`, or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    // A bare number is seconds, as operators tend to write it.
-    if let Ok(secs) = s.parse::<f64>() {
-        return Duration::try_from_secs_f64(secs).map_err(|e| e.to_string());
-    }
-    humantime::parse_duration(s).map_err(|e| e.to_string())
-}
+pub use kcloud_common::duration::parse_duration;
 
 #[cfg(test)]
 mod tests {
@@ -179,14 +173,6 @@ mod tests {
         assert_eq!(s.interval, Duration::from_secs(5));
         assert_eq!(s.gpus, GpuMode::Nvml { lib: None });
         assert!(s.aggregator_url.is_none());
-    }
-
-    #[test]
-    fn durations_take_units_or_seconds() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
-        assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("-1").is_err());
     }
 
     #[test]

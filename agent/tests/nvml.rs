@@ -10,7 +10,7 @@ use std::time::Duration;
 use kcloud_agent::collector::{Collector, NvmlSource};
 use kcloud_agent::metrics::Metrics;
 use kcloud_common::NodeInventory;
-use kcloud_testsupport::{FakeGpu, FakeNvml, FakeProc, FakeSpec};
+use kcloud_testkit::{FakeGpu, FakeNvml, FakeProc, FakeSpec};
 
 const MIB: u64 = 1024 * 1024;
 

@@ -14,8 +14,8 @@ use kcloud_agent::collector::{Collector, GpuSource, NvmlSource, SimLayout, Simul
 use kcloud_agent::config::Preset;
 use tokio_util::sync::CancellationToken;
 
-use crate::inventory::Inventory;
-use crate::{Error, Result, now_ms};
+use kcloud_cluster::Cluster;
+use kcloud_core::{Error, Result, now_ms};
 
 pub struct EmbeddedAgent {
     collector: Collector,
@@ -79,7 +79,7 @@ impl EmbeddedAgent {
     }
 
     /// Collects every interval and ingests the snapshot until cancelled.
-    pub async fn run(mut self, inventory: Arc<Inventory>, shutdown: CancellationToken) {
+    pub async fn run(mut self, cluster: Arc<Cluster>, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(self.interval);
         loop {
             tokio::select! {
@@ -96,7 +96,7 @@ impl EmbeddedAgent {
                 return;
             };
             self = me;
-            if let Err(e) = inventory.ingest(&self.node, inv, now_ms()) {
+            if let Err(e) = cluster.ingest(&self.node, inv, now_ms()) {
                 tracing::error!(error = %e, "embedded agent inventory rejected");
             }
         }

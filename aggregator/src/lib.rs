@@ -1,126 +1,86 @@
-//! kcloud-aggregator: the cluster-wide view and the only place that decides who holds
-//! which GPU.
+//! kcloud-aggregator: the binary that wires the shape together — the local shape
+//! (sandboxed processes on this host, directory volumes, an in-process agent) or the
+//! cluster shape (pods and PVCs through the Kubernetes API) — and runs its tasks.
 //!
-//! Agents push node inventories; users authenticate with JWTs; the ledger allocates
-//! whole GPUs and MIG instances exclusively; the REST API (axum) exposes all of it.
+//! Everything it wires lives in the crates below (see `docs/ARCHITECTURE.md`):
+//! `kcloud-core` (domain), `kcloud-cluster` (inventory and ledger), `kcloud-store`
+//! (SQLite), `kcloud-provision` (provisioners, volume backends), `kcloud-service` (use
+//! cases) and `kcloud-http` (API, proxy, portal).
 
-pub mod api;
-pub mod auth;
+/// The command line.
 pub mod config;
-pub mod culler;
+/// The local shape's in-process agent.
 pub mod embedded_agent;
-pub mod events;
-pub mod inventory;
-pub mod ledger;
-pub mod metrics;
-pub mod profile;
-pub mod prometheus;
-pub mod provisioner;
-pub mod proxy;
-pub mod storage;
-pub mod store;
-pub mod ui;
-
-/// Everything that can fail in the aggregator. `api::ApiError` maps these to HTTP
-/// status codes in one place; server-side variants are logged there and never shown to
-/// clients.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// Malformed or invalid input (400/422).
-    #[error("{0}")]
-    BadRequest(String),
-    /// No or bad credentials (401).
-    #[error("{0}")]
-    Unauthorized(String),
-    /// Authenticated but not allowed (403).
-    #[error("{0}")]
-    Forbidden(String),
-    /// Absent, or another user's (404: existence does not leak).
-    #[error("{0}")]
-    NotFound(String),
-    /// Device taken, name in use, stale write (409).
-    #[error("{0}")]
-    Conflict(String),
-    /// Body or field over its limit (413).
-    #[error("{0}")]
-    TooLarge(String),
-    /// Too many attempts; retry after this many seconds (429).
-    #[error("too many requests; retry in {retry_after_secs}s")]
-    RateLimited { retry_after_secs: u64 },
-    /// A quota would be exceeded (429).
-    #[error("{0}")]
-    QuotaExceeded(String),
-    /// A `Range` outside a file of `size` bytes (416).
-    #[error("range not satisfiable: the file has {size} bytes")]
-    RangeNotSatisfiable { size: u64 },
-    /// Not ready yet or a backend is down (503).
-    #[error("{0}")]
-    Unavailable(String),
-    /// Bad configuration at start.
-    #[error("configuration: {0}")]
-    Config(String),
-    /// The database failed or is unusable.
-    #[error("database: {0}")]
-    Store(String),
-    #[error("{context}: {source}")]
-    Io {
-        context: String,
-        source: std::io::Error,
-    },
-    /// A bug or an unexpected state; logged, shown to clients as "internal error".
-    #[error("internal: {0}")]
-    Internal(String),
-}
-
-pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::api::AppState;
-use crate::auth::{Auth, AuthConfig, SigningKey};
-use crate::config::{Config, LocalAgent, ProvisionerKind, Settings};
-use crate::inventory::Inventory;
-use crate::ledger::Ledger;
-use crate::metrics::Metrics;
-use crate::provisioner::Provisioner;
-use crate::provisioner::kube::{KubeOptions, KubeProvisioner};
-use crate::provisioner::local::{LocalOptions, LocalProvisioner};
-use crate::store::Store;
+use kcloud_cluster::Cluster;
+use kcloud_core::private::{create_private_dir, load_or_create_secret};
+use kcloud_core::repo::Repository;
+use kcloud_core::settings::Settings;
+use kcloud_core::{Error, Result, now_ms};
+use kcloud_http::AppState;
+use kcloud_http::metrics::Metrics;
+use kcloud_provision::Provisioner;
+use kcloud_provision::kube::{KubeOptions, KubeProvisioner};
+use kcloud_provision::local::{LocalOptions, LocalProvisioner};
+use kcloud_provision::upstream::http_client;
+use kcloud_provision::volumes::VolumeBackend;
+use kcloud_provision::volumes::local::DirVolumes;
+use kcloud_provision::volumes::pvc::{PvcClient, PvcVolumes};
+use kcloud_service::auth::{Auth, AuthConfig, SigningKey};
+use kcloud_service::culler::{self, Culler};
+use kcloud_service::locks::OwnerLocks;
+use kcloud_service::prometheus::Prometheus;
+use kcloud_service::servers::{ReleaseOnExit, Servers};
+use kcloud_service::users::Users;
+use kcloud_service::volumes::Volumes;
+use kcloud_store::Store;
 
-/// How long a reservation may stay uncommitted before it is released.
-const RESERVATION_TTL: Duration = Duration::from_secs(600);
+use crate::config::{Config, LocalAgent, ProvisionerKind};
 
 /// The assembled aggregator: shared state, the HTTP router, and what `serve` needs.
 pub struct App {
     pub state: AppState,
     pub router: axum::Router,
+    store: Store,
     embedded_agent: Option<embedded_agent::EmbeddedAgent>,
 }
 
-/// Opens the data dir and database, bootstraps the first admin, and builds the state
-/// and router. Separate from `serve` so tests can hold the state.
+/// Opens the data dir and database, bootstraps the first admin, recovers the servers
+/// that exist, and builds the state and router. Separate from `serve` so tests can
+/// hold the state.
 pub async fn build(config: &Config) -> Result<App> {
+    build_with(config, None).await
+}
+
+/// [`build`] with this Kubernetes client for the cluster shape (tests give a fake API
+/// server); `None`: the pod's service account, else the kubeconfig's context.
+pub async fn build_with(config: &Config, kube_client: Option<kube::Client>) -> Result<App> {
     // First, so that a missing cluster stops the start before anything is written.
-    let kube_client = match config.provisioner {
-        ProvisionerKind::Local => None,
-        // In a pod: its service account; elsewhere: the kubeconfig's context.
-        ProvisionerKind::Kubernetes => Some(kube::Client::try_default().await.map_err(|e| {
-            Error::Config(format!(
-                "--provisioner kubernetes: no Kubernetes client configuration \
-                 (neither in-cluster nor a kubeconfig): {e}"
-            ))
-        })?),
+    let kube_client = match (config.provisioner, kube_client) {
+        (ProvisionerKind::Local, _) => None,
+        (ProvisionerKind::Kubernetes, Some(c)) => Some(c),
+        (ProvisionerKind::Kubernetes, None) => {
+            Some(kube::Client::try_default().await.map_err(|e| {
+                Error::Config(format!(
+                    "--provisioner kubernetes: no Kubernetes client configuration \
+                     (neither in-cluster nor a kubeconfig): {e}"
+                ))
+            })?)
+        }
     };
     let data_dir = &config.data_dir;
-    auth::create_private_dir(data_dir)?;
+    create_private_dir(data_dir)?;
     let settings = Arc::new(Settings::load(config.config.as_deref())?);
     let store = Store::open(&data_dir.join("kcloud.db"))?;
+    let repo: Arc<dyn Repository> = Arc::new(store.clone());
     let key = SigningKey::load_or_create(config.signing_key_file.as_deref(), data_dir)?;
     let auth = Arc::new(Auth::new(
-        store.clone(),
+        repo.clone(),
         key,
         AuthConfig {
             access_ttl: config.access_ttl,
@@ -141,64 +101,80 @@ pub async fn build(config: &Config) -> Result<App> {
              (shown only now; set KCLOUD_BOOTSTRAP_ADMIN_PASSWORD to choose it yourself)\n"
         );
     }
-    let agent_token = auth::load_or_create_secret(
+    let agent_token = load_or_create_secret(
         config.agent_token_file.as_deref(),
         &data_dir.join("agent.token"),
     )?;
 
-    let inventory = Arc::new(Inventory::new(config.agent_heartbeat * 3));
-    let ledger = Arc::new(Ledger::new());
-    let (storage, provisioner): (_, Arc<dyn Provisioner>) = match config.provisioner {
-        ProvisionerKind::Local => (
-            storage::Storage::new(store.clone(), &settings, data_dir)?,
-            Arc::new(LocalProvisioner::new(
-                store,
-                ledger.clone(),
-                LocalOptions {
-                    jupyter: config.jupyter_command.clone(),
-                    stop_grace: config.stop_grace,
-                    ..LocalOptions::new(data_dir)
-                },
-            )),
-        ),
-        ProvisionerKind::Kubernetes => {
-            let Some(client) = kube_client else {
-                return Err(Error::Internal("no Kubernetes client".into()));
-            };
-            let namespace = config
-                .namespace
-                .clone()
-                .unwrap_or_else(|| client.default_namespace().to_owned());
-            // Volumes are PVCs in the servers' namespace.
-            let storage = storage::Storage::cluster(
-                store.clone(),
-                &settings,
-                storage::pvc::PvcClient::new(client.clone(), &namespace),
-                &namespace,
-            );
-            let provisioner = Arc::new(KubeProvisioner::new(
-                client,
-                ledger.clone(),
-                KubeOptions {
-                    namespace,
-                    settings: settings.kubernetes.clone(),
-                    timeout: config.kube_timeout,
-                    stop_grace: config.stop_grace,
-                },
-            ));
-            (storage, provisioner)
-        }
-    };
-    let storage = Arc::new(storage);
+    let cluster = Arc::new(Cluster::new(config.agent_heartbeat * 3));
+    let exits = ReleaseOnExit::new(cluster.clone());
+    let (backend, provisioner): (Box<dyn VolumeBackend>, Arc<dyn Provisioner>) =
+        match config.provisioner {
+            ProvisionerKind::Local => (
+                Box::new(DirVolumes::new(data_dir)?),
+                Arc::new(LocalProvisioner::new(
+                    Arc::new(store.clone()),
+                    exits,
+                    LocalOptions {
+                        jupyter: config.jupyter_command.clone(),
+                        stop_grace: config.stop_grace,
+                        ..LocalOptions::new(data_dir)
+                    },
+                )),
+            ),
+            ProvisionerKind::Kubernetes => {
+                let Some(client) = kube_client else {
+                    return Err(Error::Internal("no Kubernetes client".into()));
+                };
+                let namespace = config
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| client.default_namespace().to_owned());
+                // Volumes are PVCs in the servers' namespace.
+                let backend = PvcVolumes::new(
+                    PvcClient::new(client.clone(), &namespace),
+                    &namespace,
+                    &settings.storage,
+                );
+                let provisioner = KubeProvisioner::new(
+                    client,
+                    exits,
+                    KubeOptions {
+                        namespace,
+                        settings: settings.kubernetes.clone(),
+                        timeout: config.kube_timeout,
+                        stop_grace: config.stop_grace,
+                    },
+                );
+                (Box::new(backend), Arc::new(provisioner))
+            }
+        };
+    let locks = Arc::new(OwnerLocks::default());
+    let volumes = Arc::new(Volumes::new(
+        repo.clone(),
+        backend,
+        provisioner.clone(),
+        &settings,
+        locks.clone(),
+    ));
+    let servers = Arc::new(Servers::new(
+        repo.clone(),
+        cluster.clone(),
+        provisioner.clone(),
+        volumes.clone(),
+        settings.clone(),
+        locks,
+    ));
+    let users = Arc::new(Users::new(
+        repo,
+        auth.clone(),
+        cluster.clone(),
+        provisioner,
+        settings.default_quota.clone(),
+    ));
     // The ledger is rebuilt from the servers that exist (adopted or not) before the
     // API serves: until then /readyz is 503 and allocations wait.
-    let servers = provisioner.recover().await?;
-    ledger.rebuild(
-        servers
-            .iter()
-            .filter(|s| s.status.holds_devices())
-            .flat_map(|s| s.devices.iter().map(|d| (d.clone(), s.holder()))),
-    );
+    servers.recover().await?;
     let embedded_agent = match (&config.simulate, config.local_agent) {
         (Some(preset), _) => Some(embedded_agent::EmbeddedAgent::simulated(
             preset,
@@ -214,7 +190,7 @@ pub async fn build(config: &Config) -> Result<App> {
         )?),
     };
     let prometheus = match &config.prometheus_url {
-        Some(url) => Some(Arc::new(prometheus::Prometheus::new(
+        Some(url) => Some(Arc::new(Prometheus::new(
             url.clone(),
             settings.prometheus.clone(),
             config.prometheus_timeout,
@@ -224,22 +200,22 @@ pub async fn build(config: &Config) -> Result<App> {
     };
     let state = AppState {
         auth,
-        inventory,
-        ledger,
+        users,
+        servers,
+        volumes,
+        cluster,
         settings,
         metrics: Arc::new(Metrics::new()),
         agent_token: agent_token.into(),
         secure_cookies: !config.insecure_cookies,
         prometheus,
-        provisioner,
-        storage,
-        server_locks: Default::default(),
-        proxy_client: proxy::http_client(),
+        upstream: http_client(),
     };
-    let (router, _) = api::router(state.clone());
+    let (router, _) = kcloud_http::router(state.clone());
     Ok(App {
         state,
         router,
+        store,
         embedded_agent,
     })
 }
@@ -255,25 +231,30 @@ impl App {
         let App {
             state,
             router,
+            store,
             embedded_agent,
         } = self;
         if let Some(agent) = embedded_agent {
-            tokio::spawn(agent.run(state.inventory.clone(), shutdown.clone()));
+            tokio::spawn(agent.run(state.cluster.clone(), shutdown.clone()));
         }
-        tokio::spawn(sweep_reservations(state.ledger.clone(), shutdown.clone()));
+        tokio::spawn(sweep_reservations(state.servers.clone(), shutdown.clone()));
         if let Some(p) = &state.prometheus {
             tokio::spawn(p.clone().run(shutdown.clone()));
         }
         if let Some((idle, every)) = state.settings.culling.schedule()? {
             tracing::info!(idle = ?idle, every = ?every, "idle culling on");
-            tokio::spawn(culler::run(state.clone(), idle, every, shutdown.clone()));
+            let culler = Culler {
+                servers: state.servers.clone(),
+                http: state.upstream.clone(),
+            };
+            tokio::spawn(culler::run(culler, idle, every, shutdown.clone()));
         }
         // No TCP_NODELAY on every accepted connection: measured, it cost a third of the
         // inventory ingest rate (55 -> 80 µs of CPU per push). The proxy's listener sets
         // it only on connections that carry proxied requests.
         let served = axum::serve(
-            proxy::Listener(listener),
-            router.into_make_service_with_connect_info::<proxy::Connection>(),
+            kcloud_http::proxy::Listener(listener),
+            router.into_make_service_with_connect_info::<kcloud_http::proxy::Connection>(),
         )
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await
@@ -283,8 +264,8 @@ impl App {
         });
         shutdown.cancel();
         // Servers keep running; the next start adopts them.
-        state.provisioner.shutdown().await;
-        state.store().clone().close().await?;
+        state.servers.shutdown().await;
+        store.close().await?;
         tracing::info!("kcloud-aggregator stopped");
         served
     }
@@ -307,31 +288,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
 }
 
 /// Releases reservations whose create never finished, so no device leaks.
-async fn sweep_reservations(ledger: Arc<Ledger>, shutdown: CancellationToken) {
+async fn sweep_reservations(servers: Arc<Servers>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(30));
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {
-                let aborted = ledger.sweep(now_ms(), RESERVATION_TTL);
-                if !aborted.is_empty() {
-                    tracing::warn!(count = aborted.len(), "released stale reservations");
+                let aborted = servers.sweep_reservations(now_ms());
+                if aborted > 0 {
+                    tracing::warn!(count = aborted, "released stale reservations");
                 }
             }
         }
     }
-}
-
-impl From<rusqlite::Error> for Error {
-    fn from(e: rusqlite::Error) -> Self {
-        Error::Store(e.to_string())
-    }
-}
-
-/// Milliseconds since the Unix epoch: the one clock the aggregator reads. Logic takes
-/// `now_ms` as an argument so that tests control time.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }

@@ -1,5 +1,5 @@
 // End-to-end walk through the kcloud portal in headless Chromium (Debian's package,
-// driven by playwright-core). Started by aggregator/tests/portal.rs against a real
+// driven by playwright-core). Started by aggregator/tests/it/portal.rs against a real
 // aggregator (`--simulate dgx-a100-mig`, local provisioner, real JupyterLab).
 //
 // Environment: KCLOUD_URL, KCLOUD_ADMIN_USER, KCLOUD_ADMIN_PASSWORD, SCREENSHOTS (a

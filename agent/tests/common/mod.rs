@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub use kcloud_testsupport::{free_port, require_tool};
+pub use kcloud_testkit::{free_port, require_tool};
 
 /// A child process killed when the test ends, however it ends.
 pub struct Proc {

@@ -1,0 +1,96 @@
+//! kcloud-cluster: the cluster-wide view and the only place that decides who holds
+//! which device.
+//!
+//! [`inventory`] keeps what agents push (nodes, GPUs, MIG instances, an ordered device
+//! index); [`ledger`] allocates devices exclusively, best fit, from per-node free
+//! counts it refreshes from the inventory's layout journal. They live together
+//! because that design depends on both: the ledger reads the inventory's index under
+//! its read lock, always in the order inventory, then ledger. [`Cluster`] is the one
+//! facade the rest of the aggregator uses.
+
+pub mod inventory;
+pub mod ledger;
+
+use std::time::Duration;
+
+use kcloud_common::NodeInventory;
+use kcloud_core::Result;
+use kcloud_core::device::{DeviceRequest, Holder};
+
+use crate::inventory::{
+    Availability, DeviceQuery, DeviceView, Ingested, Inventory, NodeCounts, NodeView, Page,
+};
+use crate::ledger::{Ledger, Reservation};
+
+/// The inventory and the ledger, used together. `Send + Sync`; share it as
+/// `Arc<Cluster>`.
+pub struct Cluster {
+    inventory: Inventory,
+    ledger: Ledger,
+}
+
+impl Cluster {
+    /// Nodes whose last push is older than `stale_after` are shown, never allocated.
+    pub fn new(stale_after: Duration) -> Self {
+        Self {
+            inventory: Inventory::new(stale_after),
+            ledger: Ledger::new(),
+        }
+    }
+
+    pub fn inventory(&self) -> &Inventory {
+        &self.inventory
+    }
+
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// Stores an agent's push (see [`Inventory::ingest`]).
+    pub fn ingest(&self, node: &str, inv: NodeInventory, now_ms: u64) -> Result<Ingested> {
+        self.inventory.ingest(node, inv, now_ms)
+    }
+
+    pub fn nodes(&self, now_ms: u64) -> Vec<NodeView> {
+        self.inventory.nodes(&self.ledger, now_ms)
+    }
+
+    pub fn node(&self, name: &str, now_ms: u64) -> Option<NodeView> {
+        self.inventory.node(name, &self.ledger, now_ms)
+    }
+
+    /// One page of devices (see [`Inventory::devices`]).
+    pub fn devices(&self, q: &DeviceQuery, now_ms: u64) -> Result<Page<DeviceView>> {
+        self.inventory.devices(q, &self.ledger, now_ms)
+    }
+
+    pub fn summary(&self, q: &DeviceQuery, now_ms: u64) -> Vec<Availability> {
+        self.inventory.summary(q, &self.ledger, now_ms)
+    }
+
+    pub fn counts(&self, now_ms: u64) -> NodeCounts {
+        self.inventory.counts(now_ms)
+    }
+
+    /// Takes devices for `holder` (see [`Ledger::reserve`]).
+    pub fn reserve(
+        &self,
+        holder: Holder,
+        req: &DeviceRequest,
+        max_devices: Option<u32>,
+        now_ms: u64,
+    ) -> Result<Reservation> {
+        self.ledger
+            .reserve(holder, req, &self.inventory, max_devices, now_ms)
+    }
+
+    /// Wakes after a stored push.
+    pub fn inventory_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inventory.subscribe()
+    }
+
+    /// Wakes after a change of who holds what.
+    pub fn allocation_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.ledger.subscribe()
+    }
+}

@@ -1,0 +1,45 @@
+//! Who is acting on a request: a user who signed in (still existing and enabled), or
+//! the platform itself.
+
+use crate::user::Role;
+use crate::{Error, Result};
+
+/// An authenticated user. The HTTP layer makes one from a token after checking that
+/// the user still exists and is enabled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub name: String,
+    pub role: Role,
+}
+
+impl Caller {
+    /// The platform itself (the culler, recovery): an admin named `system` in audits.
+    pub fn system() -> Caller {
+        Caller {
+            name: "system".into(),
+            role: Role::Admin,
+        }
+    }
+
+    pub fn is_admin(&self) -> bool {
+        self.role == Role::Admin
+    }
+
+    /// Admin, or the named user themself; anyone else gets 404 so that existence
+    /// does not leak.
+    pub fn may_see_user(&self, user: &str) -> Result<()> {
+        if self.is_admin() || self.name == user {
+            Ok(())
+        } else {
+            Err(Error::NotFound(format!("no user {user:?}")))
+        }
+    }
+
+    pub fn require_admin(&self) -> Result<()> {
+        if self.is_admin() {
+            Ok(())
+        } else {
+            Err(Error::Forbidden("admin only".into()))
+        }
+    }
+}

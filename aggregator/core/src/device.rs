@@ -1,0 +1,46 @@
+//! Devices (whole GPUs `GPU-...` and MIG instances `MIG-...`), who holds them, and what
+//! a server asks for.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Most devices one request may ask for.
+pub const MAX_DEVICES_PER_REQUEST: u32 = 16;
+
+/// Who holds a device: one server of one user.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+pub struct Holder {
+    pub user: String,
+    pub server: String,
+}
+
+impl Holder {
+    pub fn new(user: &str, server: &str) -> Self {
+        Holder {
+            user: user.to_owned(),
+            server: server.to_owned(),
+        }
+    }
+}
+
+/// What a server asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceRequest {
+    /// These devices (`GPU-...` / `MIG-...`), all on one node.
+    Exact(Vec<String>),
+    /// `count` whole GPUs on one node (see the ledger's placement policy).
+    Gpus { count: u32, model: Option<String> },
+    /// One MIG instance of `profile` (see the ledger's placement policy).
+    Mig {
+        profile: String,
+        model: Option<String>,
+    },
+}
+
+/// Whether `u` looks like a device UUID a request may name.
+pub fn valid_uuid(u: &str) -> bool {
+    (u.starts_with("GPU-") || u.starts_with("MIG-"))
+        && u.len() <= 128
+        && u.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"-_/".contains(&c))
+}

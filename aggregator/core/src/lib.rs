@@ -1,0 +1,37 @@
+//! kcloud-core: what every part of the aggregator shares and nothing below it.
+//!
+//! No I/O beyond reading the settings file and private files on disk; no HTTP, SQL,
+//! Kubernetes or processes. The crates above depend on it and it depends on none of
+//! them (see `docs/ARCHITECTURE.md`).
+
+/// Who is acting: a signed-in user and their role, with the ownership checks.
+pub mod caller;
+/// Devices and requests for them: holders, exact UUIDs or placement requests.
+pub mod device;
+/// The one error type of the aggregator's crates and its `Result`.
+pub mod error;
+/// IDE profiles and the one place that builds what a server runs.
+pub mod launch;
+/// Files only the aggregator may read: private directories, secrets, random tokens.
+pub mod private;
+/// CPU, memory and size quantities as users write them.
+pub mod quantity;
+/// The storage the crates above need, as traits (SQLite implements them).
+pub mod repo;
+/// Servers: their spec, status, mounts, events, and how the proxy reaches them.
+pub mod server;
+/// The settings file (`--config`): presets, quotas, images, profiles, storage, ...
+pub mod settings;
+/// Change counters that wake live views.
+pub mod signal;
+/// The aggregator's clock.
+pub mod time;
+/// Users, roles, quotas, sessions and the audit log's entries.
+pub mod user;
+/// Names and paths that end up in URLs, paths and Kubernetes objects.
+pub mod validate;
+/// Volumes and shares as recorded and mounted.
+pub mod volume;
+
+pub use error::{Error, Result};
+pub use time::now_ms;

@@ -1,0 +1,146 @@
+//! What the aggregator keeps durably, as the traits its crates program against. The
+//! SQLite store (`kcloud-store`) implements them; a second backend is a new crate.
+//!
+//! Every method is async (the store runs SQL on a blocking pool) and answers with the
+//! domain's errors: a taken name is `Conflict`, an exceeded storage quota
+//! `QuotaExceeded`, a broken database `Store`.
+
+use std::fmt;
+
+use async_trait::async_trait;
+
+use crate::Result;
+use crate::server::{Launch, Mount, ServerEvent, ServerStatus};
+use crate::user::{AuditEntry, NewUser, RefreshRow, RefreshUse, User, UserPatch, UserRecord};
+use crate::volume::VolumeRow;
+
+/// Users and their password hashes.
+#[async_trait]
+pub trait UserRepo: Send + Sync {
+    /// Creates a user; a taken name is `Conflict`.
+    async fn create_user(&self, new: NewUser) -> Result<User>;
+    /// One user with the password hash, or `None`.
+    async fn user(&self, name: &str) -> Result<Option<UserRecord>>;
+    /// All users, by name.
+    async fn users(&self) -> Result<Vec<User>>;
+    /// Applies `patch`; `None` if the user does not exist. Disabling a user or setting
+    /// a password revokes their refresh tokens in the same transaction. Leaving no
+    /// enabled admin (where there was one) is `Conflict`.
+    async fn update_user(&self, name: &str, patch: UserPatch) -> Result<Option<User>>;
+    /// Deletes a user and their refresh tokens; `false` if absent. Deleting the last
+    /// enabled admin is `Conflict`.
+    async fn delete_user(&self, name: &str) -> Result<bool>;
+    /// Enabled admins.
+    async fn admin_count(&self) -> Result<u64>;
+}
+
+/// Refresh tokens in rotation families.
+#[async_trait]
+pub trait SessionRepo: Send + Sync {
+    /// Records an issued refresh token, creating its family on first use; refused
+    /// (`Unauthorized`) when the family is revoked or another user's.
+    async fn insert_refresh(&self, t: RefreshRow) -> Result<()>;
+    /// Atomically checks a refresh token and marks it used.
+    async fn consume_refresh(&self, id: &str, now_ms: u64) -> Result<RefreshUse>;
+    /// Revokes every token of a family (idempotent).
+    async fn revoke_family(&self, family: &str) -> Result<()>;
+    /// Revokes all of a user's refresh tokens (idempotent).
+    async fn revoke_user_tokens(&self, user: &str) -> Result<()>;
+}
+
+/// The audit log.
+#[async_trait]
+pub trait AuditRepo: Send + Sync {
+    /// Appends an entry; long fields are cut.
+    async fn audit(&self, e: AuditEntry) -> Result<()>;
+    /// The newest `limit` entries, newest first.
+    async fn audit_log(&self, limit: u32) -> Result<Vec<AuditEntry>>;
+}
+
+/// The local shape's servers and their lifecycle events.
+#[async_trait]
+pub trait ServerRepo: Send + Sync {
+    /// Records a new server; an owner's name already taken is `Conflict`.
+    async fn insert_server(&self, row: ServerRecord) -> Result<()>;
+    /// Writes a server's changing fields (status, reason, process, times); a server
+    /// that is gone is ignored.
+    async fn save_server(&self, row: ServerRecord) -> Result<()>;
+    /// Sets servers' last activity, never moving it backwards.
+    async fn touch_servers(&self, seen: Vec<(String, u64)>) -> Result<()>;
+    /// Forgets a server and its events; `false` if it was not there.
+    async fn delete_server(&self, id: &str) -> Result<bool>;
+    /// Every recorded server, by owner and name.
+    async fn servers(&self) -> Result<Vec<ServerRecord>>;
+    /// Appends a lifecycle event (ignored if the server is gone); keeps the newest.
+    async fn server_event(&self, server_id: &str, event: ServerEvent) -> Result<()>;
+    /// A server's events, oldest first.
+    async fn server_events(&self, server_id: &str) -> Result<Vec<ServerEvent>>;
+}
+
+/// Users' volumes.
+#[async_trait]
+pub trait VolumeRepo: Send + Sync {
+    /// Records a volume if the owner's volumes, this one included, stay within
+    /// `max_total_bytes` (checked in the same transaction). A name in use is
+    /// `Conflict`, an exceeded quota `QuotaExceeded`.
+    async fn insert_volume(&self, row: VolumeRow, max_total_bytes: Option<u64>) -> Result<()>;
+    /// One owner's volumes (everyone's with `None`), by owner and name.
+    async fn volumes(&self, owner: Option<&str>) -> Result<Vec<VolumeRow>>;
+    async fn volume(&self, owner: &str, name: &str) -> Result<Option<VolumeRow>>;
+    /// Forgets a volume; `false` if it was not there.
+    async fn delete_volume(&self, owner: &str, name: &str) -> Result<bool>;
+}
+
+/// All of it: what the SQLite store is.
+pub trait Repository: UserRepo + SessionRepo + AuditRepo + ServerRepo + VolumeRepo {}
+
+impl<T: UserRepo + SessionRepo + AuditRepo + ServerRepo + VolumeRepo> Repository for T {}
+
+/// A server as the local shape records it: the API's view plus how to reach and
+/// signal its process.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ServerRecord {
+    /// Unique per incarnation: a server deleted and created again under the same name
+    /// gets a new id.
+    pub id: String,
+    pub owner: String,
+    pub name: String,
+    pub status: ServerStatus,
+    pub reason: Option<String>,
+    pub node: Option<String>,
+    pub devices: Vec<String>,
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+    pub image: Option<String>,
+    pub launch: Launch,
+    pub port: Option<u16>,
+    pub pid: Option<u32>,
+    /// The process's start time (clock ticks since boot): a pid reused by another
+    /// process after a reboot or wrap-around does not match it.
+    pub pid_start: Option<u64>,
+    /// The server's own Jupyter token; only the proxy uses it.
+    pub token: String,
+    pub created_at_ms: u64,
+    pub ready_at_ms: Option<u64>,
+    pub last_activity_ms: u64,
+    /// An admin exempted it from idle culling.
+    pub cull_exempt: bool,
+    /// Volumes and shares mounted into it.
+    pub mounts: Vec<Mount>,
+}
+
+impl fmt::Debug for ServerRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerRecord")
+            .field("id", &self.id)
+            .field("owner", &self.owner)
+            .field("name", &self.name)
+            .field("status", &self.status)
+            .field("reason", &self.reason)
+            .field("devices", &self.devices)
+            .field("port", &self.port)
+            .field("pid", &self.pid)
+            .field("token", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}

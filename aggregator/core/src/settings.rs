@@ -1,0 +1,543 @@
+//! The settings file (`--config`, TOML): what an admin tunes without changing flags.
+//! Every table is optional; [`Settings::load`] fills defaults and refuses what cannot
+//! work, naming the setting.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::launch::{IdeAuth, Profile};
+use crate::time::parse_duration;
+use crate::user::Role;
+use crate::validate::{glob_match, validate_server_name};
+use crate::{Error, Result};
+
+/// The settings file: what an admin tunes without restarting flags.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Quotas for users whose own quota leaves a field unset.
+    pub default_quota: DefaultQuota,
+    /// Server sizes users pick from, by name.
+    pub presets: BTreeMap<String, Preset>,
+    /// PromQL used with `--prometheus-url`.
+    pub prometheus: Queries,
+    /// Which images servers may ask for.
+    #[serde(default)]
+    pub images: Images,
+    /// IDE profiles by name, added to (or replacing) the built-in `jupyterlab`,
+    /// `code-server` and `custom`.
+    pub profiles: BTreeMap<String, Profile>,
+    /// Idle culling (`[culling]`); off unless `idle_timeout` is set.
+    pub culling: Culling,
+    /// The kubernetes provisioner: how server pods are pinned and run.
+    pub kubernetes: KubernetesSettings,
+    /// Volume sizes and, in the cluster shape, how volumes are backed (`[storage]`).
+    pub storage: StorageSettings,
+    /// NFS shares users may browse and mount (`[[shares]]`), defined only here: a
+    /// request can never name an NFS server or path.
+    pub shares: Vec<Share>,
+}
+
+/// `[storage]`: volume limits and the cluster shape's backing.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageSettings {
+    /// Size of a volume whose request names none.
+    pub default_volume_bytes: u64,
+    /// Largest size of one volume.
+    pub max_volume_bytes: u64,
+    /// Volumes per user, at most.
+    pub max_volumes_per_user: u32,
+    /// Cluster shape: the StorageClass of volume PVCs (default: the cluster's default
+    /// class).
+    pub storage_class: Option<String>,
+    /// Cluster shape: the class is NFS-backed, so volumes can be ReadWriteMany (their
+    /// default then).
+    pub nfs_backed: bool,
+    /// Cluster shape: where the NFS export that backs the class is mounted in the
+    /// aggregator's pod; the file browser reaches volumes under it.
+    pub nfs_root: Option<PathBuf>,
+    /// Cluster shape: the export path the class provisions under; an in-tree `nfs`
+    /// PV's path below it names the volume's folder under `nfs_root`.
+    pub nfs_export: Option<String>,
+}
+
+impl Default for StorageSettings {
+    fn default() -> Self {
+        Self {
+            default_volume_bytes: 10 << 30,
+            max_volume_bytes: 1 << 40,
+            max_volumes_per_user: 32,
+            storage_class: None,
+            nfs_backed: false,
+            nfs_root: None,
+            nfs_export: None,
+        }
+    }
+}
+
+/// An NFS share (`[[shares]]`). Who may use it: users named in `users`, users whose
+/// role is in `roles` (`roles = ["user"]` is everyone), and admins always.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Share {
+    /// DNS-1123 label: it appears in URLs and mount paths.
+    pub name: String,
+    /// NFS server (host name or address).
+    pub server: String,
+    /// Exported path on the server.
+    pub path: String,
+    /// Read-only unless the admin says otherwise.
+    #[serde(default = "yes")]
+    pub read_only: bool,
+    #[serde(default)]
+    pub roles: Vec<Role>,
+    #[serde(default)]
+    pub users: Vec<String>,
+    /// Where the share is mounted on the aggregator's host (local shape) or in its pod
+    /// (cluster shape): the file browser and local servers reach it there. Without it
+    /// the share can be mounted into cluster servers but not browsed.
+    pub local_path: Option<PathBuf>,
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Share {
+    /// Whether `user` (with `role`) may list, browse and mount this share.
+    pub fn allows(&self, user: &str, role: Role) -> bool {
+        role == Role::Admin || self.roles.contains(&role) || self.users.iter().any(|u| u == user)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |what: &str| Err(Error::Config(format!("share {:?}: {what}", self.name)));
+        if validate_server_name(&self.name).is_err() {
+            return bad("name must be a DNS-1123 label (a-z, 0-9, '-', at most 63)");
+        }
+        let host_ok = |c: char| c.is_ascii_alphanumeric() || ".-:[]".contains(c);
+        if self.server.is_empty() || self.server.len() > 253 || !self.server.chars().all(host_ok) {
+            return bad("server must be a host name or address");
+        }
+        if !self.path.starts_with('/') || self.path.contains('\0') || self.path.len() > 4096 {
+            return bad("path must be an absolute export path");
+        }
+        if self.local_path.as_ref().is_some_and(|p| !p.is_absolute()) {
+            return bad("local_path must be absolute");
+        }
+        Ok(())
+    }
+}
+
+/// `[culling]`: stop servers idle longer than `idle_timeout` (e.g. `"1h"`), looking
+/// every `interval` (default `"1m"`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct Culling {
+    pub idle_timeout: Option<String>,
+    pub interval: Option<String>,
+}
+
+impl Culling {
+    /// `(idle timeout, interval)` when culling is on.
+    pub fn schedule(&self) -> Result<Option<(Duration, Duration)>> {
+        let parse = |what: &str, v: &str| {
+            parse_duration(v).map_err(|e| Error::Config(format!("[culling] {what} = {v:?}: {e}")))
+        };
+        let Some(idle) = &self.idle_timeout else {
+            return Ok(None);
+        };
+        let idle = parse("idle_timeout", idle)?;
+        let every = match &self.interval {
+            Some(v) => parse("interval", v)?,
+            None => Duration::from_secs(60),
+        };
+        if idle.is_zero() || every.is_zero() {
+            return Err(Error::Config(
+                "[culling] idle_timeout and interval must be more than 0".into(),
+            ));
+        }
+        Ok(Some((idle, every)))
+    }
+}
+
+/// `[kubernetes]`: what server pods look like in the cluster shape.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesSettings {
+    pub pinning: Pinning,
+    /// The uid and gid server containers run as: never root. The defaults are the
+    /// Jupyter docker-stacks' `jovyan` (1000) and `users` (100).
+    pub run_as_user: i64,
+    pub run_as_group: i64,
+}
+
+impl Default for KubernetesSettings {
+    fn default() -> Self {
+        Self {
+            pinning: Pinning::default(),
+            run_as_user: 1000,
+            run_as_group: 100,
+        }
+    }
+}
+
+/// `[kubernetes.pinning]`: how a pod gets exactly its devices (DESIGN.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Pinning {
+    pub mode: PinningMode,
+    /// env mode: RuntimeClass of pods with devices (e.g. `nvidia`); none when absent.
+    pub runtime_class_name: Option<String>,
+    /// dra mode: the device classes of NVIDIA's DRA driver.
+    pub gpu_device_class: String,
+    pub mig_device_class: String,
+    /// env mode: taints of GPU nodes that pods with devices tolerate.
+    pub tolerations: Vec<Toleration>,
+}
+
+impl Default for Pinning {
+    fn default() -> Self {
+        Self {
+            mode: PinningMode::Env,
+            runtime_class_name: None,
+            gpu_device_class: "gpu.nvidia.com".into(),
+            mig_device_class: "mig.nvidia.com".into(),
+            tolerations: vec![Toleration {
+                key: Some("nvidia.com/gpu".into()),
+                operator: TolerationOperator::Exists,
+                value: None,
+                effect: Some(TaintEffect::NoSchedule),
+            }],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PinningMode {
+    /// `nodeSelector` on the node and `NVIDIA_VISIBLE_DEVICES` with the UUIDs.
+    Env,
+    /// A `resource.k8s.io/v1` ResourceClaim per server, selecting the UUIDs.
+    Dra,
+}
+
+/// A pod toleration, in the settings file's snake_case.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Toleration {
+    pub key: Option<String>,
+    #[serde(default)]
+    pub operator: TolerationOperator,
+    pub value: Option<String>,
+    /// None: every effect.
+    pub effect: Option<TaintEffect>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum TolerationOperator {
+    #[default]
+    Equal,
+    Exists,
+}
+
+impl TolerationOperator {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TolerationOperator::Equal => "Equal",
+            TolerationOperator::Exists => "Exists",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum TaintEffect {
+    NoSchedule,
+    PreferNoSchedule,
+    NoExecute,
+}
+
+impl TaintEffect {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaintEffect::NoSchedule => "NoSchedule",
+            TaintEffect::PreferNoSchedule => "PreferNoSchedule",
+            TaintEffect::NoExecute => "NoExecute",
+        }
+    }
+}
+
+/// The image allow-list (`[images]`). The local provisioner records images but runs
+/// JupyterLab from this host; the check applies all the same.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Images {
+    /// Patterns with `*` (any characters), e.g. `quay.io/jupyter/*`.
+    #[serde(default)]
+    pub allowed: Vec<String>,
+    /// Used when a request names no image; always allowed.
+    #[serde(default)]
+    pub default: Option<String>,
+}
+
+impl Default for Images {
+    fn default() -> Self {
+        Self {
+            allowed: vec!["quay.io/jupyter/*".into()],
+            default: Some("quay.io/jupyter/scipy-notebook:latest".into()),
+        }
+    }
+}
+
+impl Images {
+    pub fn allows(&self, image: &str) -> bool {
+        self.default.as_deref() == Some(image) || self.allowed.iter().any(|p| glob_match(p, image))
+    }
+}
+
+/// Default per-user limits. `None` is unlimited.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct DefaultQuota {
+    pub gpus: Option<u32>,
+    pub servers: Option<u32>,
+    pub cpu_millis: Option<u64>,
+    pub memory_bytes: Option<u64>,
+    /// Sum of the sizes of a user's volumes.
+    pub storage_bytes: Option<u64>,
+}
+
+impl Default for DefaultQuota {
+    fn default() -> Self {
+        Self {
+            gpus: Some(8),
+            servers: Some(4),
+            cpu_millis: Some(32_000),
+            memory_bytes: Some(256 << 30),
+            storage_bytes: Some(100 << 30),
+        }
+    }
+}
+
+/// A named server size.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Preset {
+    /// CPU in millicores.
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+    #[serde(default)]
+    pub description: String,
+}
+
+impl Settings {
+    pub fn load(path: Option<&Path>) -> Result<Self> {
+        let mut s = match path {
+            None => Settings::default(),
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| Error::Io {
+                    context: format!("reading {}", p.display()),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", p.display())))?
+            }
+        };
+        if s.presets.is_empty() {
+            s.presets = default_presets();
+        }
+        let mut profiles = crate::launch::builtin();
+        profiles.append(&mut s.profiles);
+        for (name, p) in &profiles {
+            validate_server_name(name)
+                .map_err(|_| Error::Config(format!("profile {name:?}: not a DNS-1123 label")))?;
+            if p.port == 0 {
+                return Err(Error::Config(format!("profile {name:?}: port must be > 0")));
+            }
+            if p.command.is_none() && !p.user_command && p.auth != IdeAuth::JupyterToken {
+                return Err(Error::Config(format!(
+                    "profile {name:?}: without a command it runs JupyterLab, whose auth is \
+                     the token (auth = \"jupyter_token\")"
+                )));
+            }
+        }
+        s.profiles = profiles;
+        s.culling.schedule()?;
+        let k = &s.kubernetes;
+        if k.run_as_user <= 0 || k.run_as_group < 0 {
+            return Err(Error::Config(
+                "kubernetes.run_as_user must be > 0 (servers never run as root) and \
+                 run_as_group ≥ 0"
+                    .into(),
+            ));
+        }
+        if k.pinning.runtime_class_name.as_deref() == Some("") {
+            s.kubernetes.pinning.runtime_class_name = None;
+        }
+        for t in &s.kubernetes.pinning.tolerations {
+            if t.operator == TolerationOperator::Exists && t.value.is_some() {
+                return Err(Error::Config(
+                    "kubernetes.pinning.tolerations: operator Exists takes no value".into(),
+                ));
+            }
+            if t.key.is_none() && t.operator != TolerationOperator::Exists {
+                return Err(Error::Config(
+                    "kubernetes.pinning.tolerations: without a key, operator must be Exists".into(),
+                ));
+            }
+        }
+        for (name, p) in &s.presets {
+            if p.cpu_millis == 0 || p.memory_bytes < (64 << 20) {
+                return Err(Error::Config(format!(
+                    "preset {name:?}: cpu_millis must be > 0 and memory_bytes ≥ 64 MiB"
+                )));
+            }
+        }
+        let st = &s.storage;
+        if st.default_volume_bytes == 0 || st.default_volume_bytes > st.max_volume_bytes {
+            return Err(Error::Config(
+                "storage: default_volume_bytes must be > 0 and ≤ max_volume_bytes".into(),
+            ));
+        }
+        if st.nfs_root.as_ref().is_some_and(|p| !p.is_absolute()) {
+            return Err(Error::Config("storage: nfs_root must be absolute".into()));
+        }
+        let mut names = std::collections::HashSet::new();
+        for share in &s.shares {
+            share.validate()?;
+            if !names.insert(share.name.as_str()) {
+                return Err(Error::Config(format!(
+                    "share {:?} is defined twice",
+                    share.name
+                )));
+            }
+        }
+        Ok(s)
+    }
+}
+
+fn default_presets() -> BTreeMap<String, Preset> {
+    let p = |cpu_millis, gib: u64, description: &str| Preset {
+        cpu_millis,
+        memory_bytes: gib << 30,
+        description: description.into(),
+    };
+    BTreeMap::from([
+        ("small".into(), p(2_000, 8, "2 CPUs, 8 GiB")),
+        ("medium".into(), p(8_000, 32, "8 CPUs, 32 GiB")),
+        ("large".into(), p(16_000, 128, "16 CPUs, 128 GiB")),
+    ])
+}
+
+/// The PromQL the aggregator runs. Instant queries return one series per node, told
+/// apart by `node_label`; `{node}` in history queries is replaced by the node name
+/// (escaped for a label matcher). Defaults read the agents' own series; point them at
+/// node-exporter or DCGM recording rules in the settings file's `[prometheus]` table.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct Queries {
+    pub node_label: String,
+    pub cpu_count: String,
+    pub cpu_utilization: String,
+    pub memory_total: String,
+    pub memory_used: String,
+    pub gpu_utilization: String,
+    pub history_cpu: String,
+    pub history_memory: String,
+    pub history_gpu_utilization: String,
+}
+
+impl Default for Queries {
+    fn default() -> Self {
+        Self {
+            node_label: "Hostname".into(),
+            cpu_count: "max by (Hostname) (kcloud_host_cpus)".into(),
+            cpu_utilization: "max by (Hostname) (kcloud_host_cpu_utilization_ratio)".into(),
+            memory_total: "max by (Hostname) (kcloud_host_memory_total_bytes)".into(),
+            memory_used: "max by (Hostname) (kcloud_host_memory_used_bytes)".into(),
+            gpu_utilization: "avg by (Hostname) (DCGM_FI_DEV_GPU_UTIL)".into(),
+            history_cpu: r#"max(kcloud_host_cpu_utilization_ratio{Hostname="{node}"})"#.into(),
+            history_memory: r#"max(kcloud_host_memory_used_bytes{Hostname="{node}"})"#.into(),
+            history_gpu_utilization: r#"avg(DCGM_FI_DEV_GPU_UTIL{Hostname="{node}"})"#.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_file_parses_and_validates() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kcloud.toml");
+        std::fs::write(
+            &path,
+            "[default_quota]\ngpus = 2\n[presets.tiny]\ncpu_millis = 500\nmemory_bytes = 1073741824\n",
+        )
+        .unwrap();
+        let s = Settings::load(Some(&path)).unwrap();
+        assert_eq!(s.default_quota.gpus, Some(2));
+        assert_eq!(
+            s.default_quota.servers,
+            Some(4),
+            "unset fields keep defaults"
+        );
+        assert_eq!(s.presets.len(), 1);
+
+        std::fs::write(&path, "[presets.bad]\ncpu_millis = 0\nmemory_bytes = 1\n").unwrap();
+        assert!(Settings::load(Some(&path)).is_err());
+        std::fs::write(&path, "unknown = 1\n").unwrap();
+        assert!(Settings::load(Some(&path)).is_err());
+        assert_eq!(Settings::load(None).unwrap().presets.len(), 3);
+    }
+
+    #[test]
+    fn kubernetes_settings_parse_and_validate() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kcloud.toml");
+        let load = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            Settings::load(Some(&path))
+        };
+        let s = load(
+            "[kubernetes.pinning]\nmode = \"dra\"\nruntime_class_name = \"\"\n\
+             gpu_device_class = \"gpu.example.com\"\n\
+             [[kubernetes.pinning.tolerations]]\nkey = \"gpu\"\nvalue = \"yes\"\n\
+             effect = \"NoExecute\"\n",
+        )
+        .unwrap();
+        let p = &s.kubernetes.pinning;
+        assert_eq!(p.mode, PinningMode::Dra);
+        assert_eq!(p.runtime_class_name, None, "empty is none");
+        assert_eq!(p.gpu_device_class, "gpu.example.com");
+        assert_eq!(p.mig_device_class, "mig.nvidia.com", "default kept");
+        assert_eq!(p.tolerations.len(), 1);
+        assert_eq!(p.tolerations[0].operator, TolerationOperator::Equal);
+        assert_eq!(p.tolerations[0].effect, Some(TaintEffect::NoExecute));
+        assert_eq!(s.kubernetes.run_as_user, 1000);
+
+        let d = Settings::load(None).unwrap().kubernetes;
+        assert_eq!(d.pinning.mode, PinningMode::Env);
+        assert_eq!(
+            d.pinning.tolerations[0].key.as_deref(),
+            Some("nvidia.com/gpu")
+        );
+
+        for bad in [
+            "[kubernetes.pinning]\nmode = \"cuda\"\n",
+            "[kubernetes]\nrun_as_user = 0\n",
+            "[kubernetes]\nnamespace = \"x\"\n",
+            "[[kubernetes.pinning.tolerations]]\noperator = \"Exists\"\nvalue = \"x\"\n",
+            "[[kubernetes.pinning.tolerations]]\nvalue = \"x\"\n",
+            "[[kubernetes.pinning.tolerations]]\nkey = \"a\"\neffect = \"Sometimes\"\n",
+        ] {
+            assert!(load(bad).is_err(), "{bad}");
+        }
+    }
+}

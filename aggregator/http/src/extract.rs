@@ -1,0 +1,206 @@
+//! What handlers take from a request: bodies, paths and queries in our error shape,
+//! the client's address, and who is calling (one credential parser for the API, the
+//! event stream and the proxy).
+
+use axum::Json;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, Method, header};
+use serde::de::DeserializeOwned;
+
+use kcloud_core::Error;
+
+use crate::AppState;
+use crate::error::ApiError;
+
+pub const ACCESS_COOKIE: &str = "kcloud_access";
+pub const REFRESH_COOKIE: &str = "kcloud_refresh";
+pub const CSRF_COOKIE: &str = "kcloud_csrf";
+pub const CSRF_HEADER: &str = "x-csrf-token";
+
+/// `Json` whose rejections use our error shape.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let Json(v) = Json::<T>::from_request(req, state).await?;
+        Ok(ApiJson(v))
+    }
+}
+
+/// `Path` whose rejections use our error shape.
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let axum::extract::Path(v) =
+            axum::extract::Path::<T>::from_request_parts(parts, state).await?;
+        Ok(ApiPath(v))
+    }
+}
+
+/// `Query` whose rejections use our error shape.
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let axum::extract::Query(v) =
+            axum::extract::Query::<T>::from_request_parts(parts, state).await?;
+        Ok(ApiQuery(v))
+    }
+}
+
+/// The peer address (rate limiting, audit). Behind an ingress this is the ingress.
+pub struct ClientAddr(pub std::net::IpAddr);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let ip = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<crate::proxy::Connection>>()
+            .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0.addr.ip());
+        Ok(ClientAddr(ip))
+    }
+}
+
+/// An authenticated user: from `Authorization: Bearer`, or from the session cookie
+/// (then writes must carry the CSRF header matching the CSRF cookie). The user must
+/// still exist and be enabled: disabling takes effect at once, not at token expiry.
+#[derive(Debug, Clone)]
+pub struct Caller(pub kcloud_core::caller::Caller);
+
+impl std::ops::Deref for Caller {
+    type Target = kcloud_core::caller::Caller;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Self, Self::Rejection> {
+        let token = credential(&parts.headers, &parts.method)?.token;
+        Ok(Caller(s.auth.caller(&token).await?))
+    }
+}
+
+/// Where a request's access token came from.
+pub struct Credential {
+    pub token: String,
+    /// From the session cookie (a browser), not the `Authorization` header.
+    pub via_cookie: bool,
+}
+
+/// The bearer token of the `Authorization` header; `None` without the header.
+pub fn bearer(headers: &HeaderMap) -> Result<Option<String>, Error> {
+    let Some(v) = headers.get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let v = v
+        .to_str()
+        .map_err(|_| Error::Unauthorized("malformed Authorization header".into()))?;
+    match v.split_once(' ') {
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
+            Ok(Some(token.trim().to_owned()))
+        }
+        _ => Err(Error::Unauthorized(
+            "expected Authorization: Bearer <token>".into(),
+        )),
+    }
+}
+
+/// The access token from the bearer header, else from the cookie with a CSRF check on
+/// unsafe methods.
+pub fn credential(headers: &HeaderMap, method: &Method) -> Result<Credential, Error> {
+    let via_cookie = cookie_credential(headers)?;
+    if via_cookie.via_cookie {
+        check_csrf(headers, method)?;
+    }
+    Ok(via_cookie)
+}
+
+/// The access token from the bearer header, else from the session cookie, without the
+/// CSRF check (the proxy checks `Origin` instead).
+pub fn cookie_credential(headers: &HeaderMap) -> Result<Credential, Error> {
+    if let Some(token) = bearer(headers)? {
+        return Ok(Credential {
+            token,
+            via_cookie: false,
+        });
+    }
+    let token = cookie(headers, ACCESS_COOKIE)
+        .ok_or_else(|| Error::Unauthorized("not signed in".into()))?;
+    Ok(Credential {
+        token,
+        via_cookie: true,
+    })
+}
+
+/// Double-submit CSRF check for cookie-authenticated writes: the `X-CSRF-Token` header
+/// must equal the CSRF cookie, which another site can neither read nor set.
+pub fn check_csrf(headers: &HeaderMap, method: &Method) -> Result<(), Error> {
+    if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
+        return Ok(());
+    }
+    let cookie = cookie(headers, CSRF_COOKIE);
+    let header = headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok());
+    match (cookie, header) {
+        (Some(c), Some(h)) if !c.is_empty() && constant_time_eq(c.as_bytes(), h.as_bytes()) => {
+            Ok(())
+        }
+        _ => Err(Error::Forbidden(
+            "missing or wrong X-CSRF-Token header".into(),
+        )),
+    }
+}
+
+/// A cookie's value from the request's `Cookie` headers.
+pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_owned())
+}
+
+/// Compares secrets without an early exit that would leak how much matched.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// An agent presenting the agent token. A user's token here is 403; nothing is 401.
+pub struct AgentCaller;
+
+impl FromRequestParts<AppState> for AgentCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Self, Self::Rejection> {
+        let token = bearer(&parts.headers)
+            .map_err(|_| {
+                Error::Unauthorized("expected Authorization: Bearer <agent token>".into())
+            })?
+            .ok_or_else(|| Error::Unauthorized("agent token required".into()))?;
+        if constant_time_eq(token.as_bytes(), s.agent_token.as_bytes()) {
+            return Ok(AgentCaller);
+        }
+        if s.auth.verify_access(&token).is_ok() {
+            return Err(Error::Forbidden("only agents may push inventories".into()).into());
+        }
+        Err(Error::Unauthorized("invalid agent token".into()).into())
+    }
+}

@@ -1,0 +1,152 @@
+//! kcloud-http: the aggregator's HTTP face — the REST API, the reverse proxy to
+//! servers, the portal's assets and its event stream, and `/metrics`.
+//!
+//! Handlers are thin: they parse, call a use case of `kcloud-service`, and map the
+//! answer. Every API route lives in a module of [`routes`] named after what it serves
+//! and is registered through `utoipa_axum`, so the OpenAPI document at
+//! `/api/openapi.json` covers every endpoint by construction.
+
+/// Errors as HTTP answers (the one error-to-status mapping).
+pub mod error;
+/// The portal's live stream (`GET /api/v1/events`).
+mod events;
+/// Request extractors: bodies, paths, queries, client address, caller.
+pub mod extract;
+/// The aggregator's Prometheus registry.
+pub mod metrics;
+/// The portal's embedded assets.
+pub mod portal;
+/// `/user/{user}/{server}/...`: the authenticated reverse proxy.
+pub mod proxy;
+/// The API's route groups.
+mod routes;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::{Json, Router};
+use utoipa::openapi::OpenApi;
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa_axum::router::OpenApiRouter;
+
+use kcloud_cluster::Cluster;
+use kcloud_core::Error;
+use kcloud_core::settings::Settings;
+use kcloud_provision::upstream::HttpClient;
+use kcloud_service::auth::Auth;
+use kcloud_service::prometheus::Prometheus;
+use kcloud_service::servers::Servers;
+use kcloud_service::users::Users;
+use kcloud_service::volumes::Volumes;
+
+use crate::error::{ApiError, error_response};
+use crate::extract::ACCESS_COOKIE;
+use crate::metrics::Metrics;
+
+/// Largest request body accepted anywhere (inventories of big nodes included).
+pub const MAX_BODY: usize = 1 << 20;
+
+/// What every handler can reach. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub auth: Arc<Auth>,
+    pub users: Arc<Users>,
+    pub servers: Arc<Servers>,
+    pub volumes: Arc<Volumes>,
+    /// The inventory and the ledger (read-only here: allocation is the servers').
+    pub cluster: Arc<Cluster>,
+    pub settings: Arc<Settings>,
+    pub metrics: Arc<Metrics>,
+    /// The agents' shared secret; compared in constant time, never logged.
+    pub agent_token: Arc<str>,
+    pub secure_cookies: bool,
+    /// Node figures and history from Prometheus, when configured.
+    pub prometheus: Option<Arc<Prometheus>>,
+    /// The proxy's pooled client to servers.
+    pub upstream: HttpClient,
+}
+
+/// The whole API and its OpenAPI description.
+pub fn router(state: AppState) -> (Router, OpenApi) {
+    let (router, mut api) = OpenApiRouter::new()
+        .merge(routes::session::routes())
+        .merge(routes::users::routes())
+        .merge(routes::nodes::routes())
+        .merge(routes::ops::routes())
+        .merge(routes::servers::routes())
+        .merge(events::routes())
+        .merge(routes::volumes::routes())
+        .merge(routes::files::routes())
+        .split_for_parts();
+    api.info.title = "kcloud".into();
+    api.info.version = env!("CARGO_PKG_VERSION").into();
+    api.info.description = Some(
+        "Self-service GPU platform. Authenticate with `Authorization: Bearer <access token>` \
+         (from /api/v1/auth/login) or the session cookie plus the `X-CSRF-Token` header on writes."
+            .into(),
+    );
+    let components = api.components.get_or_insert_with(Default::default);
+    components.add_security_scheme(
+        "bearer",
+        SecurityScheme::Http(
+            HttpBuilder::new()
+                .scheme(HttpAuthScheme::Bearer)
+                .bearer_format("JWT")
+                .build(),
+        ),
+    );
+    components.add_security_scheme(
+        "agent_token",
+        SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+    );
+    components.add_security_scheme(
+        "cookie",
+        SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::new(ACCESS_COOKIE))),
+    );
+    let spec = Arc::new(api.clone());
+    let router = router
+        .merge(crate::proxy::routes())
+        .merge(crate::portal::routes())
+        .route(
+            "/api/openapi.json",
+            axum::routing::get(move || {
+                let spec = spec.clone();
+                async move { Json(spec.as_ref().clone()) }
+            }),
+        )
+        .fallback(|| async { ApiError(Error::NotFound("no such endpoint".into())) })
+        .method_not_allowed_fallback(|| async {
+            error_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed here",
+            )
+        })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), track))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state);
+    (router, api)
+}
+
+/// Counts and times every request by route template (never the raw path, whose user
+/// and node names would make label cardinality unbounded).
+async fn track(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
+    let method = req.method().clone();
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    s.metrics.observe_request(
+        method.as_str(),
+        &route,
+        resp.status().as_u16(),
+        started.elapsed(),
+    );
+    resp
+}

@@ -1,0 +1,9 @@
+//! The API's route groups, one module per resource.
+
+pub(crate) mod files;
+pub(crate) mod nodes;
+pub(crate) mod ops;
+pub(crate) mod servers;
+pub(crate) mod session;
+pub(crate) mod users;
+pub(crate) mod volumes;

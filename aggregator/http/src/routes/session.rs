@@ -1,0 +1,159 @@
+//! Sign-in, token refresh, sign-out, and who am I.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use kcloud_core::private::random_token;
+use kcloud_core::{Error, now_ms};
+use kcloud_service::auth::Session;
+use kcloud_service::users::Me;
+
+use crate::AppState;
+use crate::error::{ApiError, ErrorBody};
+use crate::extract::{
+    ACCESS_COOKIE, ApiJson, CSRF_COOKIE, Caller, ClientAddr, REFRESH_COOKIE, check_csrf, cookie,
+};
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(login))
+        .routes(routes!(refresh))
+        .routes(routes!(logout))
+        .routes(routes!(me))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    pub username: String,
+    pub password: String,
+}
+
+/// Refresh and logout take the refresh token in the body (API clients) or from the
+/// refresh cookie (browsers, with the CSRF header).
+#[derive(Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshRequest {
+    pub refresh_token: Option<String>,
+}
+
+/// Sign in. Returns tokens for API clients and sets the session cookies for browsers.
+#[utoipa::path(post, path = "/api/v1/auth/login", tag = "auth", request_body = LoginRequest,
+    responses((status = 200, body = Session), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
+async fn login(
+    State(s): State<AppState>,
+    ClientAddr(client): ClientAddr,
+    ApiJson(req): ApiJson<LoginRequest>,
+) -> Result<Response, ApiError> {
+    let result = s
+        .auth
+        .login(&req.username, &req.password, client, now_ms())
+        .await;
+    s.metrics.observe_login(result.is_ok());
+    Ok(with_session_cookies(&s, result?))
+}
+
+/// Trade a refresh token for new tokens; the old refresh token stops working.
+#[utoipa::path(post, path = "/api/v1/auth/refresh", tag = "auth", request_body = RefreshRequest,
+    responses((status = 200, body = Session), (status = 401, body = ErrorBody)))]
+async fn refresh(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    method: Method,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let token = refresh_token(&headers, &method, &body?)?;
+    let session = s.auth.refresh(&token, now_ms()).await?;
+    Ok(with_session_cookies(&s, session))
+}
+
+/// Sign out: revokes the refresh token's whole family and clears the cookies.
+#[utoipa::path(post, path = "/api/v1/auth/logout", tag = "auth", request_body = RefreshRequest,
+    responses((status = 204), (status = 401, body = ErrorBody)))]
+async fn logout(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    method: Method,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let token = refresh_token(&headers, &method, &body?)?;
+    s.auth.logout(&token).await?;
+    let mut resp = StatusCode::NO_CONTENT.into_response();
+    for name in [ACCESS_COOKIE, REFRESH_COOKIE, CSRF_COOKIE] {
+        let path = if name == REFRESH_COOKIE {
+            "/api/v1/auth"
+        } else {
+            "/"
+        };
+        append_cookie(
+            &mut resp,
+            &format!("{name}=; Path={path}; Max-Age=0; SameSite=Lax"),
+        );
+    }
+    Ok(resp)
+}
+
+/// The refresh token from an optional JSON body, else from the cookie (browsers).
+fn refresh_token(headers: &HeaderMap, method: &Method, body: &[u8]) -> Result<String, Error> {
+    if !body.iter().all(u8::is_ascii_whitespace) {
+        let req: RefreshRequest = serde_json::from_slice(body)
+            .map_err(|e| Error::BadRequest(format!("invalid JSON body: {e}")))?;
+        if let Some(t) = req.refresh_token {
+            return Ok(t);
+        }
+    }
+    let t = cookie(headers, REFRESH_COOKIE)
+        .ok_or_else(|| Error::Unauthorized("no refresh token".into()))?;
+    check_csrf(headers, method)?;
+    Ok(t)
+}
+
+fn append_cookie(resp: &mut Response, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        resp.headers_mut().append(header::SET_COOKIE, v);
+    }
+}
+
+/// The JSON session plus three cookies: the access token (HttpOnly, every path, for
+/// the portal and the proxy), the refresh token (HttpOnly, only sent to /api/v1/auth),
+/// and a random CSRF token the page reads and echoes in `X-CSRF-Token`.
+fn with_session_cookies(s: &AppState, session: Session) -> Response {
+    let secure = if s.secure_cookies { "; Secure" } else { "" };
+    let access_age = session.expires_in;
+    let refresh_age = s.auth.refresh_ttl().as_secs();
+    let csrf = random_token();
+    let cookies = [
+        format!(
+            "{ACCESS_COOKIE}={}; Path=/; Max-Age={access_age}; HttpOnly; SameSite=Lax{secure}",
+            session.access_token
+        ),
+        format!(
+            "{REFRESH_COOKIE}={}; Path=/api/v1/auth; Max-Age={refresh_age}; HttpOnly; SameSite=Strict{secure}",
+            session.refresh_token
+        ),
+        format!("{CSRF_COOKIE}={csrf}; Path=/; Max-Age={refresh_age}; SameSite=Strict{secure}"),
+    ];
+    let mut resp = Json(session).into_response();
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    for c in cookies {
+        append_cookie(&mut resp, &c);
+    }
+    resp
+}
+
+/// The signed-in user, their effective quota and what they hold.
+#[utoipa::path(get, path = "/api/v1/me", tag = "auth",
+    responses((status = 200, body = Me), (status = 401, body = ErrorBody)),
+    security(("bearer" = []), ("cookie" = [])))]
+async fn me(State(s): State<AppState>, caller: Caller) -> Result<Json<Me>, ApiError> {
+    Ok(Json(s.users.me(&caller).await?))
+}

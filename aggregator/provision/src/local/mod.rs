@@ -1,0 +1,970 @@
+//! The local shape's provisioner: every server is a child process on this host
+//! (JupyterLab by default), pinned to its devices with `CUDA_VISIBLE_DEVICES` and
+//! `NVIDIA_VISIBLE_DEVICES`, listening on a free loopback port, working in
+//! `<data-dir>/servers/{user}/{server}/work`, its output in `.../server.log`.
+//!
+//! Servers are recorded through [`ServerRepo`] and mirrored in memory, which answers
+//! the reads. A watch task per server probes it until it answers (`pending` →
+//! `running`) and notices when its process ends (→ `failed`, reported to [`Exits`]). Processes run in
+//! their own process group and outlive the aggregator: at the next start,
+//! [`Provisioner::recover`] adopts those still running (same pid and start time) and
+//! fails the others.
+//!
+//! The Jupyter token goes to the process in `JUPYTER_TOKEN`, not on its command line,
+//! where any local user could read it with `ps`; it is removed from the logs users see.
+//! Processes run as the aggregator's Unix user: the local shape is for a group that
+//! trusts each other (one lab's GPU box), not for isolation between users. CPU and
+//! memory are accounted against quotas but not enforced here.
+
+mod mounts;
+mod process;
+mod program;
+#[cfg(test)]
+mod tests;
+
+use std::ffi::OsStr;
+use std::io::{Read, Seek, SeekFrom};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{Request, header};
+use futures_util::StreamExt as _;
+use tokio_util::sync::CancellationToken;
+
+use kcloud_core::launch::{Binding, CommandLine, JUPYTER_CONFIG};
+use kcloud_core::private::{create_private_dir, random_token};
+use kcloud_core::repo::{ServerRecord, ServerRepo};
+use kcloud_core::server::{
+    Launch, Server, ServerEvent, ServerSpec, ServerStatus, Upstream, base_url,
+};
+use kcloud_core::validate::{validate_server_name, validate_user_name};
+use kcloud_core::{Error, Result, now_ms};
+
+use crate::logs::{LOG_TAIL_BYTES, tail_lines, whole_lines_tail};
+use crate::table::{Key, ServerTable};
+use crate::upstream::{HttpClient, http_client};
+use crate::{Exits, LogStream, Provisioner};
+use mounts::{link_mounts, unlink_mounts};
+use process::{
+    SERVER_ID_ENV, alive, describe_exit, proc_stat, stop_process, stop_strays, tagged_processes,
+};
+use program::{find_program, passes};
+
+/// Activity is written to the database at most this often per server.
+const ACTIVITY_SAVE_MS: u64 = 30_000;
+
+/// How the local provisioner runs servers.
+#[derive(Clone, Debug)]
+pub struct LocalOptions {
+    /// Servers live in `<data_dir>/servers/{user}/{server}`.
+    pub data_dir: PathBuf,
+    /// Program that starts JupyterLab. `None`: `jupyter-lab`, else `jupyter lab`, on
+    /// `PATH`.
+    pub jupyter: Option<PathBuf>,
+    /// Time between SIGTERM and SIGKILL when a server is deleted.
+    pub stop_grace: Duration,
+    /// A server that does not answer within this time after its start is failed.
+    pub start_timeout: Duration,
+}
+
+impl LocalOptions {
+    pub fn new(data_dir: &Path) -> Self {
+        Self {
+            data_dir: data_dir.to_owned(),
+            jupyter: None,
+            stop_grace: Duration::from_secs(10),
+            start_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Servers as child processes of this host. See the module docs.
+pub struct LocalProvisioner {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn ServerRepo>,
+    exits: Arc<dyn Exits>,
+    opts: LocalOptions,
+    table: ServerTable<Entry>,
+    http: HttpClient,
+    shutdown: CancellationToken,
+}
+
+struct Entry {
+    row: ServerRecord,
+    /// Last activity as written to the database.
+    saved_activity_ms: u64,
+}
+
+impl crate::table::Entry for Entry {
+    fn server(&self) -> Server {
+        view(&self.row)
+    }
+
+    fn id(&self) -> &str {
+        &self.row.id
+    }
+}
+
+impl LocalProvisioner {
+    /// `exits` is told about servers that end by themselves.
+    pub fn new(store: Arc<dyn ServerRepo>, exits: Arc<dyn Exits>, opts: LocalOptions) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                exits,
+                opts,
+                table: ServerTable::default(),
+                http: http_client(),
+                shutdown: CancellationToken::new(),
+            }),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Provisioner for LocalProvisioner {
+    async fn recover(&self) -> Result<Vec<Server>> {
+        let inner = &self.inner;
+        let mut out = Vec::new();
+        // Found by the id they carry, not by the recorded pid: a kill between starting
+        // a process and recording its pid leaves a row without one.
+        let mut tagged = tokio::task::spawn_blocking(tagged_processes)
+            .await
+            .map_err(|e| Error::Internal(format!("process scan failed: {e}")))?;
+        for mut row in inner.store.servers().await? {
+            let strays = tagged.remove(&row.id).unwrap_or_default();
+            // Whether to watch it (and whether it answers yet), once it is in the map.
+            let mut adopted = None;
+            match row.status {
+                ServerStatus::Stopping => {
+                    // A delete was cut short: finish it.
+                    if let Some(pid) = row.pid {
+                        stop_process(pid, row.pid_start, inner.opts.stop_grace).await;
+                    }
+                    stop_strays(&strays, inner.opts.stop_grace).await;
+                    inner.store.delete_server(&row.id).await?;
+                    tracing::info!(owner = %row.owner, server = %row.name, "finished an interrupted delete");
+                    continue;
+                }
+                ServerStatus::Failed => stop_strays(&strays, inner.opts.stop_grace).await,
+                ServerStatus::Pending | ServerStatus::Running => {
+                    let live = row.pid.is_some_and(|pid| alive(pid, row.pid_start));
+                    if live {
+                        let ready = inner.probe(&row).await;
+                        let pid = row.pid.unwrap_or_default();
+                        row.status = if ready {
+                            ServerStatus::Running
+                        } else {
+                            ServerStatus::Pending
+                        };
+                        if ready {
+                            row.reason = None;
+                            row.ready_at_ms.get_or_insert_with(now_ms);
+                        }
+                        inner.store.save_server(row.clone()).await?;
+                        inner
+                            .event(
+                                &row.id,
+                                "Adopted",
+                                format!(
+                                    "process {pid} still running after a restart; {}",
+                                    row.status.as_str()
+                                ),
+                            )
+                            .await;
+                        adopted = Some(ready);
+                    } else {
+                        row.status = ServerStatus::Failed;
+                        row.reason = Some(if strays.is_empty() {
+                            "its process ended while kcloud-aggregator was not running".into()
+                        } else {
+                            // Started but never recorded: nothing knows its pid to
+                            // watch it, so it is stopped rather than adopted.
+                            stop_strays(&strays, inner.opts.stop_grace).await;
+                            "kcloud-aggregator stopped while starting it; stopped".into()
+                        });
+                        inner.store.save_server(row.clone()).await?;
+                        inner
+                            .event(&row.id, "Failed", row.reason.clone().unwrap_or_default())
+                            .await;
+                    }
+                }
+            }
+            tracing::info!(owner = %row.owner, server = %row.name, status = row.status.as_str(), "server recovered");
+            out.push(view(&row));
+            let key = (row.owner.clone(), row.name.clone());
+            let id = row.id.clone();
+            let saved_activity_ms = row.last_activity_ms;
+            inner.table.insert(
+                key.clone(),
+                Entry {
+                    row,
+                    saved_activity_ms,
+                },
+            );
+            // Only now: a watch that starts before the entry exists ends at once, and
+            // the server would stay pending (or its death unnoticed) for good.
+            if let Some(ready) = adopted {
+                tokio::spawn(watch(inner.clone(), key, id, None, ready));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn create(&self, spec: ServerSpec) -> Result<Server> {
+        let inner = &self.inner;
+        validate_user_name(&spec.owner)?;
+        validate_server_name(&spec.name)?;
+        // Before anything is made: a missing program is the user's or the host's
+        // problem, not a half-created server.
+        let program = inner.program(&spec)?;
+        let now = now_ms();
+        let mut row = ServerRecord {
+            id: uuid::Uuid::new_v4().to_string(),
+            owner: spec.owner,
+            name: spec.name,
+            status: ServerStatus::Pending,
+            reason: Some("starting".into()),
+            node: spec.node,
+            devices: spec.devices,
+            cpu_millis: spec.cpu_millis,
+            memory_bytes: spec.memory_bytes,
+            image: spec.image,
+            launch: spec.launch,
+            port: None,
+            pid: None,
+            pid_start: None,
+            token: random_token(),
+            created_at_ms: now,
+            ready_at_ms: None,
+            last_activity_ms: now,
+            cull_exempt: false,
+            mounts: spec.mounts,
+        };
+        let key = (row.owner.clone(), row.name.clone());
+        inner.table.insert_new(
+            key.clone(),
+            Entry {
+                row: row.clone(),
+                saved_activity_ms: now,
+            },
+        )?;
+        match inner.start(&mut row, program).await {
+            Ok(child) => {
+                let started = view(&row);
+                inner.table.update(&key, &row.id, |e| {
+                    e.row = row.clone();
+                    (false, ())
+                });
+                tokio::spawn(watch(
+                    inner.clone(),
+                    key,
+                    row.id.clone(),
+                    Some(child),
+                    false,
+                ));
+                Ok(started)
+            }
+            Err(e) => {
+                inner.table.forget(&key, &row.id);
+                if let Err(e) = inner.store.delete_server(&row.id).await {
+                    tracing::error!(error = %e, "could not remove the record of a server that failed to start");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn delete(&self, owner: &str, name: &str) -> Result<Option<Server>> {
+        let inner = &self.inner;
+        let key = (owner.to_owned(), name.to_owned());
+        let row = {
+            let mut servers = inner.table.lock();
+            let Some(e) = servers.get_mut(&key) else {
+                return Ok(None);
+            };
+            e.row.status = ServerStatus::Stopping;
+            e.row.reason = Some("deleting".into());
+            e.row.clone()
+        };
+        inner.table.notify();
+        inner.store.save_server(row.clone()).await?;
+        inner.event(&row.id, "Stopping", "deleted".into()).await;
+        if let Some(pid) = row.pid {
+            stop_process(pid, row.pid_start, inner.opts.stop_grace).await;
+        }
+        inner.store.delete_server(&row.id).await?;
+        inner.table.forget(&key, &row.id);
+        unlink_mounts(&inner.server_dir(owner, name).join("work"), &row.mounts);
+        let runtime = inner.server_dir(owner, name).join("runtime");
+        if let Err(e) = std::fs::remove_dir_all(&runtime)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(error = %e, dir = %runtime.display(), "could not remove a server's runtime directory");
+        }
+        Ok(Some(view(&row)))
+    }
+
+    fn get(&self, owner: &str, name: &str) -> Option<Server> {
+        self.inner.table.get(owner, name)
+    }
+
+    fn list(&self, owner: Option<&str>) -> Vec<Server> {
+        self.inner.table.list(owner)
+    }
+
+    async fn logs(&self, owner: &str, name: &str, tail: usize) -> Result<String> {
+        let token = self
+            .inner
+            .table
+            .lock()
+            .get(&(owner.to_owned(), name.to_owned()))
+            .map(|e| e.row.token.clone())
+            .ok_or_else(|| not_found(owner, name))?;
+        let path = self.inner.server_dir(owner, name).join("server.log");
+        let text = tokio::task::spawn_blocking(move || tail_lines(&path, tail, LOG_TAIL_BYTES))
+            .await
+            .map_err(|e| Error::Internal(format!("log task failed: {e}")))?
+            .map_err(|source| Error::Io {
+                context: "reading a server log".into(),
+                source,
+            })?;
+        Ok(text.replace(&token, "<token>"))
+    }
+
+    async fn follow_logs(&self, owner: &str, name: &str, tail: usize) -> Result<LogStream> {
+        let key = (owner.to_owned(), name.to_owned());
+        let (token, id) = self
+            .inner
+            .table
+            .lock()
+            .get(&key)
+            .map(|e| (e.row.token.clone(), e.row.id.clone()))
+            .ok_or_else(|| not_found(owner, name))?;
+        let path = self.inner.server_dir(owner, name).join("server.log");
+        // Where following starts: the end as it is now; the tail is what lies before.
+        // The tail is what the file holds now, up to its last whole line; following
+        // goes on from there, so no line is lost, repeated or cut in two.
+        let tail_path = path.clone();
+        let (first, start) =
+            tokio::task::spawn_blocking(move || whole_lines_tail(&tail_path, tail))
+                .await
+                .map_err(|e| Error::Internal(format!("log task failed: {e}")))?
+                .map_err(|source| Error::Io {
+                    context: "reading a server log".into(),
+                    source,
+                })?;
+        let first = first.replace(&token, "<token>");
+        let follow = LogFollow {
+            inner: self.inner.clone(),
+            key,
+            id,
+            token,
+            path,
+            offset: start,
+            partial: Vec::new(),
+            idle_after_end: 0,
+        };
+        let rest = futures_util::stream::unfold(follow, |mut f| async move {
+            f.next_chunk().await.map(|chunk| (chunk, f))
+        });
+        Ok(Box::pin(
+            futures_util::stream::once(async move { Ok(first) }).chain(rest),
+        ))
+    }
+
+    async fn events(&self, owner: &str, name: &str) -> Result<Vec<ServerEvent>> {
+        let id = self
+            .inner
+            .table
+            .lock()
+            .get(&(owner.to_owned(), name.to_owned()))
+            .map(|e| e.row.id.clone())
+            .ok_or_else(|| not_found(owner, name))?;
+        self.inner.store.server_events(&id).await
+    }
+
+    fn touch(&self, owner: &str, name: &str, at_ms: u64) {
+        let save = {
+            let mut servers = self.inner.table.lock();
+            let Some(e) = servers.get_mut(&(owner.to_owned(), name.to_owned())) else {
+                return;
+            };
+            e.row.last_activity_ms = e.row.last_activity_ms.max(at_ms);
+            if e.row.last_activity_ms >= e.saved_activity_ms + ACTIVITY_SAVE_MS {
+                e.saved_activity_ms = e.row.last_activity_ms;
+                Some((e.row.id.clone(), e.row.last_activity_ms))
+            } else {
+                None
+            }
+        };
+        if let Some(seen) = save {
+            let store = self.inner.store.clone();
+            tokio::spawn(async move {
+                if let Err(e) = store.touch_servers(vec![seen]).await {
+                    tracing::warn!(error = %e, "could not save server activity");
+                }
+            });
+        }
+    }
+
+    async fn set_cull_exempt(
+        &self,
+        owner: &str,
+        name: &str,
+        exempt: bool,
+    ) -> Result<Option<Server>> {
+        let row = {
+            let mut servers = self.inner.table.lock();
+            let Some(e) = servers.get_mut(&(owner.to_owned(), name.to_owned())) else {
+                return Ok(None);
+            };
+            e.row.cull_exempt = exempt;
+            e.row.clone()
+        };
+        self.inner.store.save_server(row.clone()).await?;
+        Ok(Some(view(&row)))
+    }
+
+    fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.table.subscribe()
+    }
+
+    async fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+        let unsaved: Vec<(String, u64)> = self
+            .inner
+            .table
+            .lock()
+            .values_mut()
+            .filter(|e| e.row.last_activity_ms > e.saved_activity_ms)
+            .map(|e| {
+                e.saved_activity_ms = e.row.last_activity_ms;
+                (e.row.id.clone(), e.row.last_activity_ms)
+            })
+            .collect();
+        if !unsaved.is_empty()
+            && let Err(e) = self.inner.store.touch_servers(unsaved).await
+        {
+            tracing::warn!(error = %e, "could not save server activity at shutdown");
+        }
+    }
+}
+
+fn not_found(owner: &str, name: &str) -> Error {
+    Error::NotFound(format!("no server {owner}/{name}"))
+}
+
+/// The API-facing view of a row; the proxy's upstream only while running.
+fn view(row: &ServerRecord) -> Server {
+    let upstream = match (row.status, row.port) {
+        (ServerStatus::Running, Some(port)) => Some(Upstream::new(
+            &row.owner,
+            &row.name,
+            &row.launch,
+            SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+            &row.token,
+        )),
+        _ => None,
+    };
+    Server {
+        id: row.id.clone(),
+        owner: row.owner.clone(),
+        name: row.name.clone(),
+        status: row.status,
+        reason: row.reason.clone(),
+        node: row.node.clone(),
+        devices: row.devices.clone(),
+        cpu_millis: row.cpu_millis,
+        memory_bytes: row.memory_bytes,
+        image: row.image.clone(),
+        launch: row.launch.clone(),
+        created_at_ms: row.created_at_ms,
+        ready_at_ms: row.ready_at_ms,
+        last_activity_ms: row.last_activity_ms,
+        cull_exempt: row.cull_exempt,
+        pid: row.pid,
+        upstream,
+        mounts: row.mounts.clone(),
+    }
+}
+
+/// Following one server's log file: whole new lines every [`FOLLOW_POLL`].
+struct LogFollow {
+    inner: Arc<Inner>,
+    key: Key,
+    id: String,
+    token: String,
+    path: PathBuf,
+    offset: u64,
+    /// The start of a line whose end has not been written yet.
+    partial: Vec<u8>,
+    /// Polls since the server ended; a few more read what it wrote last.
+    idle_after_end: u32,
+}
+
+/// How often a followed log is read for new output.
+const FOLLOW_POLL: Duration = Duration::from_millis(200);
+
+impl LogFollow {
+    /// The next complete lines, or `None` once the server is gone or has ended and
+    /// its last output was sent.
+    async fn next_chunk(&mut self) -> Option<Result<String>> {
+        loop {
+            let live = self
+                .inner
+                .table
+                .lock()
+                .get(&self.key)
+                .filter(|e| e.row.id == self.id)
+                .is_some_and(|e| {
+                    matches!(e.row.status, ServerStatus::Pending | ServerStatus::Running)
+                });
+            if !live {
+                self.idle_after_end += 1;
+                if self.idle_after_end > 2 {
+                    return None;
+                }
+            }
+            let (path, offset) = (self.path.clone(), self.offset);
+            let read = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+                let mut f = std::fs::File::open(path)?;
+                f.seek(SeekFrom::Start(offset))?;
+                let mut buf = Vec::new();
+                f.take(LOG_TAIL_BYTES).read_to_end(&mut buf)?;
+                Ok(buf)
+            })
+            .await;
+            let bytes = match read {
+                Ok(Ok(b)) => b,
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                Ok(Err(source)) => {
+                    return Some(Err(Error::Io {
+                        context: "following a server log".into(),
+                        source,
+                    }));
+                }
+                Err(e) => return Some(Err(Error::Internal(format!("log task failed: {e}")))),
+            };
+            self.offset += bytes.len() as u64;
+            self.partial.extend_from_slice(&bytes);
+            // Whole lines only, so that a token is never split across two chunks.
+            if let Some(end) = self.partial.iter().rposition(|&b| b == b'\n') {
+                let lines: Vec<u8> = self.partial.drain(..=end).collect();
+                let text = String::from_utf8_lossy(&lines).replace(&self.token, "<token>");
+                return Some(Ok(text));
+            }
+            tokio::time::sleep(FOLLOW_POLL).await;
+        }
+    }
+}
+
+/// What to run, found on this host: the launch with its own program (if any)
+/// resolved to a path, and how JupyterLab starts here.
+struct Program {
+    launch: Launch,
+    jupyter: Vec<String>,
+}
+
+impl Inner {
+    fn server_dir(&self, owner: &str, name: &str) -> PathBuf {
+        self.opts.data_dir.join("servers").join(owner).join(name)
+    }
+
+    async fn event(&self, id: &str, kind: &str, message: String) {
+        let event = ServerEvent {
+            at_ms: now_ms(),
+            kind: kind.into(),
+            message,
+        };
+        if let Err(e) = self.store.server_event(id, event).await {
+            tracing::warn!(error = %e, "could not record a server event");
+        }
+    }
+
+    /// Applies `f` to the record if it is still incarnation `id`; returns the updated
+    /// record when `f` changed something.
+    fn update(
+        &self,
+        key: &Key,
+        id: &str,
+        f: impl FnOnce(&mut ServerRecord) -> bool,
+    ) -> Option<ServerRecord> {
+        self.table
+            .update(key, id, |e| {
+                let changed = f(&mut e.row);
+                (changed, changed.then(|| e.row.clone()))
+            })
+            .flatten()
+    }
+
+    fn program(&self, spec: &ServerSpec) -> Result<Program> {
+        let path = std::env::var_os("PATH");
+        let mut launch = spec.launch.clone();
+        if let Some(command) = launch.command.as_mut() {
+            let first = command
+                .first_mut()
+                .ok_or_else(|| Error::BadRequest("command: must not be empty".into()))?;
+            let found = find_program(first, path.as_deref()).ok_or_else(|| {
+                Error::BadRequest(format!(
+                    "command: {first:?} is not an executable on this host's PATH"
+                ))
+            })?;
+            *first = found.to_string_lossy().into_owned();
+            return Ok(Program {
+                launch,
+                jupyter: Vec::new(),
+            });
+        }
+        const HINT: &str = "install it with `pip install jupyterlab`";
+        let jupyter = match &self.opts.jupyter {
+            Some(p) => {
+                let shown = p.display();
+                let found =
+                    find_program(&p.to_string_lossy(), path.as_deref()).ok_or_else(|| {
+                        Error::Unavailable(format!(
+                            "JupyterLab is not available on this host: {shown} (--jupyter-command) \
+                         is not an executable; {HINT}"
+                        ))
+                    })?;
+                let mut argv = vec![found.to_string_lossy().into_owned()];
+                if found.file_name() == Some(OsStr::new("jupyter")) {
+                    argv.push("lab".into());
+                }
+                argv
+            }
+            None => {
+                if let Some(lab) = find_program("jupyter-lab", path.as_deref()) {
+                    vec![lab.to_string_lossy().into_owned()]
+                } else if let Some(jupyter) = find_program("jupyter", path.as_deref()) {
+                    vec![jupyter.to_string_lossy().into_owned(), "lab".into()]
+                } else {
+                    return Err(Error::Unavailable(format!(
+                        "JupyterLab is not installed on this host: neither `jupyter-lab` nor \
+                         `jupyter` is on PATH; {HINT}"
+                    )));
+                }
+            }
+        };
+        Ok(Program { launch, jupyter })
+    }
+
+    /// Makes the directories and the record, then starts the process. On error the
+    /// caller removes the record.
+    async fn start(
+        &self,
+        row: &mut ServerRecord,
+        program: Program,
+    ) -> Result<tokio::process::Child> {
+        let dir = self.server_dir(&row.owner, &row.name);
+        let work = dir.join("work");
+        let runtime = dir.join("runtime");
+        create_private_dir(&work)?;
+        create_private_dir(&runtime)?;
+        link_mounts(&work, &row.mounts)?;
+        let log_path = dir.join("server.log");
+        let log = open_log(&log_path).map_err(|source| Error::Io {
+            context: format!("creating {}", log_path.display()),
+            source,
+        })?;
+        let port = free_port()?;
+        row.port = Some(port);
+        self.store.insert_server(row.clone()).await?;
+        self.event(
+            &row.id,
+            "Created",
+            if row.devices.is_empty() {
+                "no devices".into()
+            } else {
+                format!(
+                    "devices {} on {}",
+                    row.devices.join(", "),
+                    row.node.as_deref().unwrap_or("?")
+                )
+            },
+        )
+        .await;
+
+        let base = base_url(&row.owner, &row.name);
+        let jupyter = program.launch.command.is_none();
+        let binding = Binding {
+            ip: "127.0.0.1",
+            port,
+            base_url: &base,
+        };
+        let mut argv = CommandLine::build(&program.launch, &program.jupyter, &binding).argv();
+        if jupyter && rustix::process::geteuid().is_root() {
+            // Containers and CI run as root; JupyterLab refuses that unless told.
+            argv.push("--ServerApp.allow_root=True".to_owned());
+        }
+
+        let config = dir.join("config");
+        if jupyter {
+            write_jupyter_config(&config)?;
+        }
+
+        let devices = row.devices.join(",");
+        let mut cmd = tokio::process::Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .current_dir(&work)
+            .env_clear()
+            .envs(std::env::vars_os().filter(|(k, _)| passes(k)))
+            .envs(&row.launch.env)
+            .env("CUDA_VISIBLE_DEVICES", &devices)
+            .env(
+                "NVIDIA_VISIBLE_DEVICES",
+                if devices.is_empty() { "none" } else { &devices },
+            )
+            .env("JUPYTER_RUNTIME_DIR", &runtime)
+            .env("JUPYTER_CONFIG_PATH", &config)
+            .env("KCLOUD_USER", &row.owner)
+            .env("KCLOUD_SERVER", &row.name)
+            // Lets a restart find the process even if its pid was never recorded.
+            .env(SERVER_ID_ENV, &row.id)
+            .env("KCLOUD_PORT", port.to_string())
+            .env("KCLOUD_BASE_URL", &base)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|source| Error::Io {
+                context: "duplicating the log file handle".into(),
+                source,
+            })?)
+            .stderr(log)
+            // Its own process group: signals reach its children, and a terminal's
+            // Ctrl-C to the aggregator does not reach it.
+            .process_group(0)
+            .kill_on_drop(false);
+        if row.launch.run_profile().is_jupyter() {
+            // Only an IDE that checks the token gets it; the others run behind the
+            // proxy's auth and have no use for a secret.
+            cmd.env("JUPYTER_TOKEN", &row.token);
+        }
+        let child = cmd.spawn().map_err(|source| Error::Io {
+            context: format!("starting {}", argv[0]),
+            source,
+        })?;
+        let pid = child
+            .id()
+            .ok_or_else(|| Error::Internal("started process has no pid".into()))?;
+        row.pid = Some(pid);
+        row.pid_start = proc_stat(pid).map(|s| s.start);
+        self.store.save_server(row.clone()).await?;
+        self.event(
+            &row.id,
+            "Started",
+            format!("process {pid} listening on loopback port {port}"),
+        )
+        .await;
+        tracing::info!(owner = %row.owner, server = %row.name, pid, port, "server started");
+        Ok(child)
+    }
+
+    /// Whether the server answers its profile's readiness path with a 2xx (with no
+    /// readiness path: anything but a 5xx at its root).
+    async fn probe(&self, row: &ServerRecord) -> bool {
+        let Some(port) = row.port else {
+            return false;
+        };
+        let profile = row.launch.run_profile();
+        let path = profile.probe_path(&base_url(&row.owner, &row.name));
+        let mut req = Request::get(format!("http://127.0.0.1:{port}{path}"));
+        if profile.is_jupyter() {
+            req = req.header(header::AUTHORIZATION, format!("token {}", row.token));
+        }
+        let Ok(req) = req.body(Body::empty()) else {
+            return false;
+        };
+        match tokio::time::timeout(Duration::from_secs(2), self.http.request(req)).await {
+            Ok(Ok(resp)) if profile.readiness_path.is_empty() => !resp.status().is_server_error(),
+            Ok(Ok(resp)) => resp.status().is_success(),
+            _ => false,
+        }
+    }
+
+    async fn mark_running(&self, key: &Key, id: &str, since: Instant) {
+        let now = now_ms();
+        let Some(row) = self.update(key, id, |r| {
+            if r.status != ServerStatus::Pending {
+                return false;
+            }
+            r.status = ServerStatus::Running;
+            r.reason = None;
+            r.ready_at_ms.get_or_insert(now);
+            r.last_activity_ms = r.last_activity_ms.max(now);
+            true
+        }) else {
+            return;
+        };
+        if let Err(e) = self.store.save_server(row.clone()).await {
+            tracing::warn!(error = %e, "could not save a server's status");
+        }
+        let ms = since.elapsed().as_millis();
+        self.event(id, "Ready", format!("answering after {ms} ms"))
+            .await;
+        tracing::info!(owner = %row.owner, server = %row.name, ms, "server running");
+    }
+
+    /// Marks a pending or running server failed and reports its end.
+    async fn fail(&self, key: &Key, id: &str, reason: String) {
+        let Some(row) = self.update(key, id, |r| {
+            if !matches!(r.status, ServerStatus::Pending | ServerStatus::Running) {
+                return false;
+            }
+            r.status = ServerStatus::Failed;
+            r.reason = Some(reason.clone());
+            true
+        }) else {
+            return;
+        };
+        tracing::warn!(owner = %row.owner, server = %row.name, %reason, "server failed");
+        self.exits.exited(&view(&row));
+        if let Err(e) = self.store.save_server(row).await {
+            tracing::warn!(error = %e, "could not save a server's status");
+        }
+        self.event(id, "Failed", reason).await;
+    }
+
+    /// The last non-empty line of the server's log, token removed, for failure reasons.
+    fn last_log_line(&self, key: &Key, token: &str) -> Option<String> {
+        let path = self.server_dir(&key.0, &key.1).join("server.log");
+        let text = tail_lines(&path, 20, 64 << 10).ok()?;
+        let line = text.lines().rev().find(|l| !l.trim().is_empty())?;
+        let mut line = line.trim().replace(token, "<token>");
+        if line.len() > 300 {
+            let mut end = 300;
+            while !line.is_char_boundary(end) {
+                end -= 1;
+            }
+            line.truncate(end);
+            line.push('…');
+        }
+        Some(line)
+    }
+}
+
+/// Watches one server: probes it until it answers, then notices when its process
+/// ends. `child` is `Some` for processes this aggregator started (so they are reaped
+/// and their exit status is known), `None` for adopted ones (polled by pid).
+async fn watch(
+    inner: Arc<Inner>,
+    key: Key,
+    id: String,
+    mut child: Option<tokio::process::Child>,
+    mut ready: bool,
+) {
+    let since = Instant::now();
+    let Some(row) = inner
+        .table
+        .lock()
+        .get(&key)
+        .filter(|e| e.row.id == id)
+        .map(|e| e.row.clone())
+    else {
+        return;
+    };
+    let (Some(pid), pid_start) = (row.pid, row.pid_start) else {
+        return;
+    };
+    loop {
+        let delay = if ready {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_millis(25)
+        };
+        let exited: Option<Option<ExitStatus>> = tokio::select! {
+            _ = inner.shutdown.cancelled() => return,
+            status = wait_child(&mut child) => Some(status),
+            _ = tokio::time::sleep(delay) => None,
+        };
+        // Deleted (or being deleted): the delete does the rest.
+        let current = inner
+            .table
+            .lock()
+            .get(&key)
+            .is_some_and(|e| e.row.id == id && e.row.status != ServerStatus::Stopping);
+        if !current {
+            return;
+        }
+        let exited = match exited {
+            Some(status) => Some(status),
+            None if child.is_none() && !alive(pid, pid_start) => Some(None),
+            None => None,
+        };
+        if let Some(status) = exited {
+            let mut reason = match status.map(describe_exit) {
+                Some(s) => format!("process {s}"),
+                None => "process ended".to_owned(),
+            };
+            if let Some(line) = inner.last_log_line(&key, &row.token) {
+                reason = format!("{reason}: {line}");
+            }
+            inner.fail(&key, &id, reason).await;
+            return;
+        }
+        if !ready {
+            if inner.probe(&row).await {
+                ready = true;
+                inner.mark_running(&key, &id, since).await;
+            } else if since.elapsed() > inner.opts.start_timeout {
+                let secs = inner.opts.start_timeout.as_secs();
+                // Failed first, so that this watch's own kill is not reported as a crash.
+                inner
+                    .fail(
+                        &key,
+                        &id,
+                        format!("did not answer within {secs} s of its start; stopped"),
+                    )
+                    .await;
+                stop_process(pid, pid_start, inner.opts.stop_grace).await;
+                if let Some(c) = child.as_mut() {
+                    let _ = c.wait().await;
+                }
+                return;
+            }
+        }
+    }
+}
+
+async fn wait_child(child: &mut Option<tokio::process::Child>) -> Option<ExitStatus> {
+    match child {
+        Some(c) => c.wait().await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
+fn open_log(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+}
+
+/// A free loopback port. Another process may take it before the server binds it; the
+/// server then fails (`port_retries=0`) rather than listen elsewhere.
+fn free_port() -> Result<u16> {
+    std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|source| Error::Io {
+            context: "finding a free loopback port".into(),
+            source,
+        })
+}
+
+fn write_jupyter_config(dir: &Path) -> Result<()> {
+    create_private_dir(dir)?;
+    let path = dir.join("jupyter_server_config.py");
+    std::fs::write(&path, JUPYTER_CONFIG).map_err(|source| Error::Io {
+        context: format!("writing {}", path.display()),
+        source,
+    })
+}

@@ -1,0 +1,17 @@
+//! The aggregator's integration tests: one binary (the aggregator links once), a module
+//! per area, all on the test kit (`kcloud-testkit`) and [`app::TestApp`].
+
+mod app;
+
+mod api;
+mod events;
+mod faults;
+mod kube;
+mod ledger;
+mod portal;
+mod process;
+mod prometheus;
+mod pvc;
+mod servers;
+mod storage;
+mod store_auth;
