@@ -76,6 +76,9 @@ cargo fmt --all -- --check
 echo "==> cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+echo "==> layout: crates depend downward, no module circles"
+./scripts/check-layout.sh
+
 echo "==> tests"
 cargo nextest run --workspace --locked --no-fail-fast "$@"
 ./scripts/check-chart.sh

@@ -253,8 +253,8 @@ impl App {
         // inventory ingest rate (55 -> 80 µs of CPU per push). The proxy's listener sets
         // it only on connections that carry proxied requests.
         let served = axum::serve(
-            kcloud_http::proxy::Listener(listener),
-            router.into_make_service_with_connect_info::<kcloud_http::proxy::Connection>(),
+            kcloud_http::listener::Listener(listener),
+            router.into_make_service_with_connect_info::<kcloud_http::listener::Connection>(),
         )
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await

@@ -6,7 +6,9 @@
 //! index)`, so a page of `GET /api/v1/gpus` is a range scan from the cursor. A heartbeat
 //! with the same device layout only swaps the snapshot (metrics are read from it when a
 //! page is built); only a changed layout touches the index, and it is journalled so the
-//! [`Ledger`] can refresh its per-node free counts for just those nodes.
+//! [`Ledger`](crate::ledger::Ledger) can refresh its per-node free counts for just
+//! those nodes. The views that combine it with the ledger's holdings are in
+//! [`crate::views`].
 //!
 //! A node whose last accepted push is older than `stale_after` is stale: shown, never
 //! allocatable. So are lost GPUs (and the MIG instances on them). A GPU in MIG mode is
@@ -14,11 +16,11 @@
 //! slices; only its MIG instances are allocatable.
 //!
 //! Locking: one `RwLock` here. Methods that also read the ledger take this read lock
-//! first and then the ledger's mutex, the same order as [`Ledger::reserve`]; nothing
+//! first and then the ledger's mutex, the same order as `Ledger::reserve`; nothing
 //! takes them the other way round.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::ops::Bound;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
@@ -32,8 +34,6 @@ use utoipa::{IntoParams, ToSchema};
 use kcloud_core::device::Holder;
 use kcloud_core::signal::Signal;
 use kcloud_core::{Error, Result};
-
-use crate::ledger::{Ledger, LedgerState};
 
 /// Most GPUs one node may report.
 pub const MAX_GPUS_PER_NODE: usize = 256;
@@ -224,7 +224,7 @@ pub(crate) struct DevKey {
 }
 
 impl DevKey {
-    fn node_start(node: &Arc<str>) -> Self {
+    pub(crate) fn node_start(node: &Arc<str>) -> Self {
         Self {
             node: node.clone(),
             gpu: 0,
@@ -232,7 +232,7 @@ impl DevKey {
         }
     }
 
-    fn node_end(node: &Arc<str>) -> Self {
+    pub(crate) fn node_end(node: &Arc<str>) -> Self {
         Self {
             node: node.clone(),
             gpu: u32::MAX,
@@ -240,12 +240,12 @@ impl DevKey {
         }
     }
 
-    fn cursor(&self) -> String {
+    pub(crate) fn cursor(&self) -> String {
         let mig = self.mig.map_or_else(|| "g".to_owned(), |m| m.to_string());
         URL_SAFE_NO_PAD.encode(format!("{}.{mig}.{}", self.gpu, self.node))
     }
 
-    fn from_cursor(cursor: &str) -> Result<Self> {
+    pub(crate) fn from_cursor(cursor: &str) -> Result<Self> {
         let bad = || Error::BadRequest("cursor: not a cursor from a previous page".into());
         let raw = URL_SAFE_NO_PAD.decode(cursor).map_err(|_| bad())?;
         let raw = String::from_utf8(raw).map_err(|_| bad())?;
@@ -310,9 +310,9 @@ impl Dev {
     }
 }
 
-struct NodeEntry {
-    snap: NodeInventory,
-    received_at_ms: u64,
+pub(crate) struct NodeEntry {
+    pub(crate) snap: NodeInventory,
+    pub(crate) received_at_ms: u64,
     /// False once another node took over one of its devices; its next push re-indexes.
     intact: bool,
 }
@@ -350,8 +350,8 @@ pub(crate) struct InvState {
     /// Unique per `Inventory`.
     pub(crate) id: u64,
     stale_after_ms: u64,
-    nodes: BTreeMap<Arc<str>, NodeEntry>,
-    devices: BTreeMap<DevKey, Dev>,
+    pub(crate) nodes: BTreeMap<Arc<str>, NodeEntry>,
+    pub(crate) devices: BTreeMap<DevKey, Dev>,
     by_uuid: HashMap<Arc<str>, DevKey>,
     models: Interner,
     profiles: Interner,
@@ -362,7 +362,7 @@ pub(crate) struct InvState {
 }
 
 impl InvState {
-    fn is_fresh(&self, e: &NodeEntry, now_ms: u64) -> bool {
+    pub(crate) fn is_fresh(&self, e: &NodeEntry, now_ms: u64) -> bool {
         now_ms.saturating_sub(e.received_at_ms) <= self.stale_after_ms
     }
 
@@ -548,7 +548,7 @@ impl InvState {
     }
 
     /// Resolves a query's filters to interned ids; `None` when nothing can match.
-    fn filter(&self, q: &DeviceQuery) -> Option<Filter> {
+    pub(crate) fn filter(&self, q: &DeviceQuery) -> Option<Filter> {
         let model = match &q.model {
             Some(m) => Some(self.models.id(m)?),
             None => None,
@@ -571,7 +571,7 @@ impl InvState {
         })
     }
 
-    fn view(
+    pub(crate) fn view(
         &self,
         key: &DevKey,
         dev: &Dev,
@@ -622,40 +622,18 @@ impl InvState {
         v.memory_used_bytes = memory.map(|m| m.used_bytes);
         v
     }
-
-    fn node_view(&self, name: &str, e: &NodeEntry, lg: &LedgerState, now_ms: u64) -> NodeView {
-        let stale = !self.is_fresh(e, now_ms);
-        let (total, free) = lg
-            .node_counts(name)
-            .iter()
-            .fold((0, 0), |(t, f), c| (t + c.total, f + c.free));
-        NodeView {
-            name: name.to_owned(),
-            stale,
-            last_seen_ms: e.received_at_ms,
-            age_seconds: now_ms.saturating_sub(e.received_at_ms) / 1000,
-            simulated: e.snap.simulated,
-            agent_version: e.snap.agent_version.clone(),
-            nvml_up: e.snap.nvml.up,
-            driver_version: e.snap.nvml.driver_version.clone(),
-            host: e.snap.host.clone(),
-            gpus: e.snap.gpus.len() as u32,
-            devices_total: total,
-            devices_free: if stale || !lg.ready() { 0 } else { free },
-        }
-    }
 }
 
 /// A query resolved against the interners.
-struct Filter {
-    mig: Option<bool>,
+pub(crate) struct Filter {
+    pub(crate) mig: Option<bool>,
     model: Option<u32>,
     profile: Option<u32>,
-    available: Option<bool>,
+    pub(crate) available: Option<bool>,
 }
 
 impl Filter {
-    fn class(&self, c: &Class) -> bool {
+    pub(crate) fn class(&self, c: &Class) -> bool {
         self.mig.is_none_or(|m| c.mig == m)
             && self.model.is_none_or(|m| c.model == m)
             && self.profile.is_none_or(|p| c.mig && c.profile == p)
@@ -735,195 +713,6 @@ impl Inventory {
         drop(guard);
         self.changed.notify();
         Ok(Ingested::Stored)
-    }
-
-    /// Every node, by name.
-    pub fn nodes(&self, ledger: &Ledger, now_ms: u64) -> Vec<NodeView> {
-        let st = self.read();
-        let mut lg = ledger.state();
-        lg.sync(&st);
-        st.nodes
-            .iter()
-            .map(|(name, e)| st.node_view(name, e, &lg, now_ms))
-            .collect()
-    }
-
-    pub fn node(&self, name: &str, ledger: &Ledger, now_ms: u64) -> Option<NodeView> {
-        let st = self.read();
-        let (name, e) = st.nodes.get_key_value(name)?;
-        let mut lg = ledger.state();
-        lg.sync(&st);
-        Some(st.node_view(name, e, &lg, now_ms))
-    }
-
-    /// One page of devices in `(node, GPU index, MIG index)` order, filtered by `q`.
-    ///
-    /// A page is a range scan from the cursor; with `available=true`, nodes without a
-    /// free matching device are skipped whole using the ledger's per-node counts.
-    /// Errors: `BadRequest` for a cursor this method did not produce.
-    pub fn devices(
-        &self,
-        q: &DeviceQuery,
-        ledger: &Ledger,
-        now_ms: u64,
-    ) -> Result<Page<DeviceView>> {
-        let limit = q.limit.clamp(1, MAX_PAGE);
-        let after = q.cursor.as_deref().map(DevKey::from_cursor).transpose()?;
-        let empty = Ok(Page {
-            items: Vec::new(),
-            next_cursor: None,
-        });
-        let st = self.read();
-        let Some(filter) = st.filter(q) else {
-            return empty;
-        };
-        let mut lg = ledger.state();
-        let only_free = filter.available == Some(true);
-        if only_free && !lg.ready() {
-            return empty;
-        }
-        lg.sync(&st);
-
-        let (lo, hi) = match &q.node {
-            None => (
-                after.map_or(Bound::Unbounded, Bound::Excluded),
-                Bound::Unbounded,
-            ),
-            Some(node) => {
-                let Some((node, _)) = st.nodes.get_key_value(node.as_str()) else {
-                    return empty;
-                };
-                let (start, end) = (DevKey::node_start(node), DevKey::node_end(node));
-                let lo = match after {
-                    Some(a) if a >= end => return empty,
-                    Some(a) if a >= start => Bound::Excluded(a),
-                    _ => Bound::Included(start),
-                };
-                (lo, Bound::Included(end))
-            }
-        };
-
-        let mut items = Vec::with_capacity(limit.min(256));
-        let mut last: Option<&DevKey> = None;
-        let mut more = false;
-        let mut current: Option<(&Arc<str>, &NodeEntry, bool)> = None;
-        let mut it = st.devices.range((lo, hi));
-        while let Some((key, dev)) = it.next() {
-            if !filter.class(&dev.class) {
-                continue;
-            }
-            let (entry, fresh) = match current {
-                Some((n, e, f)) if Arc::ptr_eq(n, &key.node) => (e, f),
-                _ => {
-                    let Some((name, e)) = st.nodes.get_key_value(&key.node) else {
-                        continue;
-                    };
-                    let fresh = st.is_fresh(e, now_ms);
-                    if only_free
-                        && (!fresh
-                            || !lg
-                                .node_counts(name)
-                                .iter()
-                                .any(|c| c.free > 0 && filter.class(&c.class)))
-                    {
-                        // Nothing free here: jump past the node.
-                        if q.node.is_some() {
-                            break;
-                        }
-                        it = st
-                            .devices
-                            .range((Bound::Excluded(DevKey::node_end(name)), Bound::Unbounded));
-                        current = None;
-                        continue;
-                    }
-                    current = Some((name, e, fresh));
-                    (e, fresh)
-                }
-            };
-            let available = fresh && lg.ready() && lg.device_free(dev);
-            if filter.available.is_some_and(|a| a != available) {
-                continue;
-            }
-            if items.len() == limit {
-                more = true;
-                break;
-            }
-            let holder = lg.holder_of(&dev.uuid).cloned();
-            items.push(st.view(key, dev, entry, available, !fresh, holder));
-            last = Some(key);
-        }
-        Ok(Page {
-            items,
-            next_cursor: if more { last.map(DevKey::cursor) } else { None },
-        })
-    }
-
-    /// Total and free devices per (model, kind, MIG profile), honouring the query's
-    /// node, model, profile and kind filters (not `available`, cursor or limit). Sorted
-    /// by model, then GPUs before MIG, then profile.
-    pub fn summary(&self, q: &DeviceQuery, ledger: &Ledger, now_ms: u64) -> Vec<Availability> {
-        let st = self.read();
-        let Some(filter) = st.filter(q) else {
-            return Vec::new();
-        };
-        let mut lg = ledger.state();
-        lg.sync(&st);
-        let ready = lg.ready();
-        // A handful of classes (model × profile) across the cluster: a linear scan of
-        // a small vector beats hashing in this per-node loop.
-        let mut acc: Vec<(Class, u32, u32)> = Vec::new();
-        let mut add = |name: &str, e: &NodeEntry| {
-            let fresh = ready && st.is_fresh(e, now_ms);
-            for c in lg.node_counts(name) {
-                if filter.class(&c.class) {
-                    let i = match acc.iter().position(|(k, _, _)| *k == c.class) {
-                        Some(i) => i,
-                        None => {
-                            acc.push((c.class, 0, 0));
-                            acc.len() - 1
-                        }
-                    };
-                    acc[i].1 += c.total;
-                    if fresh {
-                        acc[i].2 += c.free;
-                    }
-                }
-            }
-        };
-        match &q.node {
-            Some(node) => {
-                if let Some((name, e)) = st.nodes.get_key_value(node.as_str()) {
-                    add(name, e);
-                }
-            }
-            None => {
-                for (name, e) in &st.nodes {
-                    add(name, e);
-                }
-            }
-        }
-        let mut out: Vec<Availability> = acc
-            .into_iter()
-            .map(|(c, total, free)| Availability {
-                model: st.model_name(c.model).to_owned(),
-                kind: if c.mig {
-                    DeviceKind::Mig
-                } else {
-                    DeviceKind::Gpu
-                },
-                profile: c.mig.then(|| st.profile_name(c.profile).to_owned()),
-                total,
-                free,
-            })
-            .collect();
-        out.sort_by(|a, b| {
-            (&a.model, a.kind == DeviceKind::Mig, &a.profile).cmp(&(
-                &b.model,
-                b.kind == DeviceKind::Mig,
-                &b.profile,
-            ))
-        });
-        out
     }
 
     /// Fresh and stale nodes, listed devices, oldest snapshot age: for `/metrics`.
@@ -1161,6 +950,7 @@ fn same_layout(a: &NodeInventory, b: &NodeInventory) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ledger::Ledger;
     use kcloud_common::fixtures::*;
     use kcloud_core::device::DeviceRequest;
 

@@ -10,6 +10,7 @@
 
 pub mod inventory;
 pub mod ledger;
+mod views;
 
 use std::time::Duration;
 

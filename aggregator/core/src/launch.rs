@@ -18,7 +18,6 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::server::Launch;
 use crate::{Error, Result};
 
 /// Whether the IDE is served under `/user/{user}/{server}/` itself, or at `/` with the
@@ -186,6 +185,32 @@ impl RunProfile {
             BaseUrl::Pass => format!("{base}{}", self.readiness_path),
             BaseUrl::Strip => format!("/{}", self.readiness_path),
         }
+    }
+}
+
+/// What to run. `command` absent: JupyterLab, with `args` appended to its command line.
+/// `command` present: that program with `command[1..]` and then `args`; `{port}` and
+/// `{base_url}` in them are replaced by the port to listen on (loopback) and the path
+/// prefix it is served under.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct Launch {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    /// The IDE profile it runs; absent in records from before profiles.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<RunProfile>,
+}
+
+impl Launch {
+    /// The server's profile (records from before profiles: JupyterLab, or `custom`
+    /// with their own command).
+    pub fn run_profile(&self) -> RunProfile {
+        self.profile
+            .clone()
+            .unwrap_or_else(|| RunProfile::legacy(self.command.is_some()))
     }
 }
 

@@ -10,7 +10,8 @@ use std::fmt;
 use async_trait::async_trait;
 
 use crate::Result;
-use crate::server::{Launch, Mount, ServerEvent, ServerStatus};
+use crate::launch::Launch;
+use crate::server::{Mount, ServerEvent, ServerStatus};
 use crate::user::{AuditEntry, NewUser, RefreshRow, RefreshUse, User, UserPatch, UserRecord};
 use crate::volume::VolumeRow;
 

@@ -1,7 +1,6 @@
 //! Servers as every part of the aggregator sees them: what to create, its status, its
 //! mounts, its lifecycle events, and where the proxy reaches it.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -11,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::device::Holder;
-use crate::launch::{BaseUrl, RunProfile};
+use crate::launch::{BaseUrl, Launch};
 
 /// Where a server is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
@@ -51,32 +50,6 @@ impl ServerStatus {
     /// Whether a server in this state keeps its devices in the ledger.
     pub fn holds_devices(self) -> bool {
         self != ServerStatus::Failed
-    }
-}
-
-/// What to run. `command` absent: JupyterLab, with `args` appended to its command line.
-/// `command` present: that program with `command[1..]` and then `args`; `{port}` and
-/// `{base_url}` in them are replaced by the port to listen on (loopback) and the path
-/// prefix it is served under.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(default)]
-pub struct Launch {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub command: Option<Vec<String>>,
-    pub args: Vec<String>,
-    pub env: BTreeMap<String, String>,
-    /// The IDE profile it runs; absent in records from before profiles.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub profile: Option<RunProfile>,
-}
-
-impl Launch {
-    /// The server's profile (records from before profiles: JupyterLab, or `custom`
-    /// with their own command).
-    pub fn run_profile(&self) -> RunProfile {
-        self.profile
-            .clone()
-            .unwrap_or_else(|| RunProfile::legacy(self.command.is_some()))
     }
 }
 

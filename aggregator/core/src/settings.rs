@@ -11,6 +11,7 @@ use utoipa::ToSchema;
 
 use crate::launch::{IdeAuth, Profile};
 use crate::time::parse_duration;
+pub use crate::user::DefaultQuota;
 use crate::user::Role;
 use crate::validate::{glob_match, validate_server_name};
 use crate::{Error, Result};
@@ -298,30 +299,6 @@ impl Default for Images {
 impl Images {
     pub fn allows(&self, image: &str) -> bool {
         self.default.as_deref() == Some(image) || self.allowed.iter().any(|p| glob_match(p, image))
-    }
-}
-
-/// Default per-user limits. `None` is unlimited.
-#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
-#[serde(deny_unknown_fields, default)]
-pub struct DefaultQuota {
-    pub gpus: Option<u32>,
-    pub servers: Option<u32>,
-    pub cpu_millis: Option<u64>,
-    pub memory_bytes: Option<u64>,
-    /// Sum of the sizes of a user's volumes.
-    pub storage_bytes: Option<u64>,
-}
-
-impl Default for DefaultQuota {
-    fn default() -> Self {
-        Self {
-            gpus: Some(8),
-            servers: Some(4),
-            cpu_millis: Some(32_000),
-            memory_bytes: Some(256 << 30),
-            storage_bytes: Some(100 << 30),
-        }
     }
 }
 

@@ -4,8 +4,8 @@
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
-use crate::settings::DefaultQuota;
 use crate::{Error, Result};
 
 /// What a user may do.
@@ -162,6 +162,30 @@ pub struct AuditEntry {
     /// The client address when a request caused it, else empty.
     #[serde(default)]
     pub client: String,
+}
+
+/// Default per-user limits. `None` is unlimited.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct DefaultQuota {
+    pub gpus: Option<u32>,
+    pub servers: Option<u32>,
+    pub cpu_millis: Option<u64>,
+    pub memory_bytes: Option<u64>,
+    /// Sum of the sizes of a user's volumes.
+    pub storage_bytes: Option<u64>,
+}
+
+impl Default for DefaultQuota {
+    fn default() -> Self {
+        Self {
+            gpus: Some(8),
+            servers: Some(4),
+            cpu_millis: Some(32_000),
+            memory_bytes: Some(256 << 30),
+            storage_bytes: Some(100 << 30),
+        }
+    }
 }
 
 /// What an owner's servers use (or what a new one asks for): counted against the

@@ -65,7 +65,7 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         let ip = parts
             .extensions
-            .get::<axum::extract::ConnectInfo<crate::proxy::Connection>>()
+            .get::<axum::extract::ConnectInfo<crate::listener::Connection>>()
             .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0.addr.ip());
         Ok(ClientAddr(ip))
     }

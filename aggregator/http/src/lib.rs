@@ -12,6 +12,8 @@ pub mod error;
 mod events;
 /// Request extractors: bodies, paths, queries, client address, caller.
 pub mod extract;
+/// The listener and what a request knows of its connection.
+pub mod listener;
 /// The aggregator's Prometheus registry.
 pub mod metrics;
 /// The portal's embedded assets.

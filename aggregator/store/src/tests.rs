@@ -1,8 +1,9 @@
 //! The store against real SQLite files in temporary directories.
 
 use super::*;
+use kcloud_core::launch::Launch;
 use kcloud_core::repo::{AuditRepo, ServerRecord, ServerRepo, SessionRepo, UserRepo, VolumeRepo};
-use kcloud_core::server::{Launch, Mount, ServerEvent, ServerStatus};
+use kcloud_core::server::{Mount, ServerEvent, ServerStatus};
 use rusqlite::params;
 
 use crate::servers::SERVER_EVENTS_MAX;

@@ -14,7 +14,8 @@ use k8s_openapi::api::core::v1::Pod;
 use kcloud_cluster::Cluster;
 use kcloud_core::Error;
 use kcloud_core::device::Holder;
-use kcloud_core::server::{Launch, ServerSpec, ServerStatus};
+use kcloud_core::launch::Launch;
+use kcloud_core::server::{ServerSpec, ServerStatus};
 use kcloud_core::settings::{KubernetesSettings, PinningMode};
 use kcloud_provision::Provisioner;
 use kcloud_provision::kube::{

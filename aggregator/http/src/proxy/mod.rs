@@ -32,7 +32,7 @@ use kcloud_provision::upstream::HttpClient;
 use crate::AppState;
 use crate::error::ApiError;
 use crate::extract::{CSRF_HEADER, cookie_credential};
-pub use socket::{ClientStream, Connection, Listener};
+use crate::listener::Connection;
 
 /// The proxy's routes; not part of the OpenAPI document (they are the server's own).
 pub fn routes() -> Router<AppState> {

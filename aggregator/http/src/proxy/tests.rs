@@ -12,8 +12,8 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use kcloud_provision::upstream::http_client;
 
-use super::socket::*;
 use super::websocket::*;
+use crate::listener::*;
 
 /// A proxied request's connection gets TCP_NODELAY at its next write; others keep
 /// Nagle's algorithm.

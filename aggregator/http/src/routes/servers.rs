@@ -16,7 +16,8 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use kcloud_core::server::{Launch, Server, ServerEvent, ServerStatus};
+use kcloud_core::launch::Launch;
+use kcloud_core::server::{Server, ServerEvent, ServerStatus};
 use kcloud_service::servers::{CreateServer, DEFAULT_LOG_LINES};
 use kcloud_service::volumes::MountRequest;
 

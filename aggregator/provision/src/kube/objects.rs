@@ -22,8 +22,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::{Deserialize, Serialize};
 
-use kcloud_core::launch::{Binding, CommandLine, JUPYTER_CONFIG};
-use kcloud_core::server::{Launch, Mount, Server, ServerSpec, ServerStatus, base_url};
+use kcloud_core::launch::{Binding, CommandLine, JUPYTER_CONFIG, Launch};
+use kcloud_core::server::{Mount, Server, ServerSpec, ServerStatus, base_url};
 use kcloud_core::settings::{KubernetesSettings, PinningMode};
 use kcloud_core::validate::{validate_server_name, validate_user_name};
 use kcloud_core::{Error, Result};

@@ -35,12 +35,10 @@ use axum::http::{Request, header};
 use futures_util::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
-use kcloud_core::launch::{Binding, CommandLine, JUPYTER_CONFIG};
+use kcloud_core::launch::{Binding, CommandLine, JUPYTER_CONFIG, Launch};
 use kcloud_core::private::{create_private_dir, random_token};
 use kcloud_core::repo::{ServerRecord, ServerRepo};
-use kcloud_core::server::{
-    Launch, Server, ServerEvent, ServerSpec, ServerStatus, Upstream, base_url,
-};
+use kcloud_core::server::{Server, ServerEvent, ServerSpec, ServerStatus, Upstream, base_url};
 use kcloud_core::validate::{validate_server_name, validate_user_name};
 use kcloud_core::{Error, Result, now_ms};
 
