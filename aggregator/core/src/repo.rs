@@ -9,11 +9,10 @@ use std::fmt;
 
 use async_trait::async_trait;
 
-use crate::Result;
-use crate::launch::Launch;
-use crate::server::{Mount, ServerEvent, ServerStatus};
+use crate::server::{Server, ServerEvent};
 use crate::user::{AuditEntry, NewUser, RefreshRow, RefreshUse, User, UserPatch, UserRecord};
 use crate::volume::VolumeRow;
+use crate::{Error, Result};
 
 /// Users and their password hashes.
 #[async_trait]
@@ -22,6 +21,14 @@ pub trait UserRepo: Send + Sync {
     async fn create_user(&self, new: NewUser) -> Result<User>;
     /// One user with the password hash, or `None`.
     async fn user(&self, name: &str) -> Result<Option<UserRecord>>;
+    /// A user that must exist: 404 when absent.
+    async fn existing_user(&self, name: &str) -> Result<User> {
+        Ok(self
+            .user(name)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("no user {name:?}")))?
+            .user)
+    }
     /// All users, by name.
     async fn users(&self) -> Result<Vec<User>>;
     /// Applies `patch`; `None` if the user does not exist. Disabling a user or setting
@@ -97,51 +104,28 @@ pub trait Repository: UserRepo + SessionRepo + AuditRepo + ServerRepo + VolumeRe
 
 impl<T: UserRepo + SessionRepo + AuditRepo + ServerRepo + VolumeRepo> Repository for T {}
 
-/// A server as the local shape records it: the API's view plus how to reach and
-/// signal its process.
+/// A server as the local shape records it: the server (its `upstream` unset) and how
+/// to reach and signal its process.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ServerRecord {
-    /// Unique per incarnation: a server deleted and created again under the same name
-    /// gets a new id.
-    pub id: String,
-    pub owner: String,
-    pub name: String,
-    pub status: ServerStatus,
-    pub reason: Option<String>,
-    pub node: Option<String>,
-    pub devices: Vec<String>,
-    pub cpu_millis: u64,
-    pub memory_bytes: u64,
-    pub image: Option<String>,
-    pub launch: Launch,
+    /// `pid` is the process (and process group); `upstream` is never recorded.
+    pub server: Server,
+    /// The loopback port it listens on.
     pub port: Option<u16>,
-    pub pid: Option<u32>,
     /// The process's start time (clock ticks since boot): a pid reused by another
     /// process after a reboot or wrap-around does not match it.
     pub pid_start: Option<u64>,
     /// The server's own Jupyter token; only the proxy uses it.
     pub token: String,
-    pub created_at_ms: u64,
-    pub ready_at_ms: Option<u64>,
-    pub last_activity_ms: u64,
-    /// An admin exempted it from idle culling.
-    pub cull_exempt: bool,
-    /// Volumes and shares mounted into it.
-    pub mounts: Vec<Mount>,
 }
 
 impl fmt::Debug for ServerRecord {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ServerRecord")
-            .field("id", &self.id)
-            .field("owner", &self.owner)
-            .field("name", &self.name)
-            .field("status", &self.status)
-            .field("reason", &self.reason)
-            .field("devices", &self.devices)
+            .field("server", &self.server)
             .field("port", &self.port)
-            .field("pid", &self.pid)
+            .field("pid_start", &self.pid_start)
             .field("token", &"<redacted>")
-            .finish_non_exhaustive()
+            .finish()
     }
 }

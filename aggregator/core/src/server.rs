@@ -111,7 +111,7 @@ pub struct ServerSpec {
 }
 
 /// Where the proxy reaches a running server, and how it talks to it.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Upstream {
     pub addr: SocketAddr,
     /// Presented as `Authorization: token ...` (JupyterLab); `None` for IDEs whose own
@@ -147,7 +147,7 @@ impl fmt::Debug for Upstream {
 }
 
 /// A server as the provisioner knows it.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Server {
     /// Unique per incarnation of `owner/name`.
     pub id: String,
@@ -178,6 +178,30 @@ pub struct Server {
 }
 
 impl Server {
+    /// A server just made from `spec`: pending, its activity starting now.
+    pub fn pending(id: String, spec: ServerSpec, now_ms: u64) -> Server {
+        Server {
+            id,
+            owner: spec.owner,
+            name: spec.name,
+            status: ServerStatus::Pending,
+            reason: None,
+            node: spec.node,
+            devices: spec.devices,
+            cpu_millis: spec.cpu_millis,
+            memory_bytes: spec.memory_bytes,
+            image: spec.image,
+            launch: spec.launch,
+            created_at_ms: now_ms,
+            ready_at_ms: None,
+            last_activity_ms: now_ms,
+            cull_exempt: false,
+            pid: None,
+            upstream: None,
+            mounts: spec.mounts,
+        }
+    }
+
     pub fn holder(&self) -> Holder {
         Holder {
             user: self.owner.clone(),

@@ -51,6 +51,19 @@ impl<E: Entry> ServerTable<E> {
         self.changed.subscribe()
     }
 
+    /// Applies `f` to the entry of `owner/name`, if there is one.
+    pub fn with<T>(&self, owner: &str, name: &str, f: impl FnOnce(&mut E) -> T) -> Option<T> {
+        self.lock()
+            .get_mut(&(owner.to_owned(), name.to_owned()))
+            .map(f)
+    }
+
+    /// [`ServerTable::with`], or 404 when there is no such server.
+    pub fn find<T>(&self, owner: &str, name: &str, f: impl FnOnce(&mut E) -> T) -> Result<T> {
+        self.with(owner, name, f)
+            .ok_or_else(|| Error::NotFound(format!("no server {owner}/{name}")))
+    }
+
     pub fn get(&self, owner: &str, name: &str) -> Option<Server> {
         self.lock()
             .get(&(owner.to_owned(), name.to_owned()))

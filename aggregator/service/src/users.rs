@@ -105,12 +105,7 @@ impl Users {
     /// A user: admins see anyone, users themself; others are 404.
     pub async fn get(&self, caller: &Caller, name: &str) -> Result<User> {
         caller.may_see_user(name)?;
-        Ok(self
-            .repo
-            .user(name)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("no user {name:?}")))?
-            .user)
+        self.repo.existing_user(name).await
     }
 
     pub async fn create(&self, caller: &Caller, client: IpAddr, req: CreateUser) -> Result<User> {

@@ -178,12 +178,7 @@ impl Volumes {
         req: NewVolume,
     ) -> Result<Volume> {
         caller.may_see_user(owner)?;
-        let user = self
-            .repo
-            .user(owner)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("no user {owner:?}")))?
-            .user;
+        let user = self.repo.existing_user(owner).await?;
         let quota = user.quota.effective(&self.default_quota).storage_bytes;
         validate_volume_name(&req.name)?;
         let size_bytes = match &req.size {

@@ -5,7 +5,7 @@ use rusqlite::{Row, params};
 
 use kcloud_core::Error;
 use kcloud_core::repo::{ServerRecord, ServerRepo};
-use kcloud_core::server::{ServerEvent, ServerStatus};
+use kcloud_core::server::{Server, ServerEvent, ServerStatus};
 
 use crate::{Store, clip, get_opt_u64, get_u64, to_i64, to_json};
 
@@ -25,32 +25,32 @@ impl ServerRepo for Store {
                      ON CONFLICT(owner, name) DO NOTHING"
                 ),
                 params![
-                    row.id,
-                    row.owner,
-                    row.name,
-                    row.status.as_str(),
-                    row.reason,
-                    row.node,
-                    to_json(&row.devices)?,
-                    to_i64(row.cpu_millis)?,
-                    to_i64(row.memory_bytes)?,
-                    row.image,
-                    to_json(&row.launch)?,
+                    row.server.id,
+                    row.server.owner,
+                    row.server.name,
+                    row.server.status.as_str(),
+                    row.server.reason,
+                    row.server.node,
+                    to_json(&row.server.devices)?,
+                    to_i64(row.server.cpu_millis)?,
+                    to_i64(row.server.memory_bytes)?,
+                    row.server.image,
+                    to_json(&row.server.launch)?,
                     row.port,
-                    row.pid,
+                    row.server.pid,
                     row.pid_start.map(to_i64).transpose()?,
                     row.token,
-                    to_i64(row.created_at_ms)?,
-                    row.ready_at_ms.map(to_i64).transpose()?,
-                    to_i64(row.last_activity_ms)?,
-                    row.cull_exempt,
-                    to_json(&row.mounts)?,
+                    to_i64(row.server.created_at_ms)?,
+                    row.server.ready_at_ms.map(to_i64).transpose()?,
+                    to_i64(row.server.last_activity_ms)?,
+                    row.server.cull_exempt,
+                    to_json(&row.server.mounts)?,
                 ],
             )?;
             if inserted == 0 {
                 return Err(Error::Conflict(format!(
                     "server name {:?} is already in use",
-                    row.name
+                    row.server.name
                 )).into());
             }
             Ok(())
@@ -67,15 +67,15 @@ impl ServerRepo for Store {
                     pid_start = ?6, ready_at_ms = ?7, last_activity_ms = ?8, cull_exempt = ?9
                  WHERE id = ?1",
                 params![
-                    row.id,
-                    row.status.as_str(),
-                    row.reason,
+                    row.server.id,
+                    row.server.status.as_str(),
+                    row.server.reason,
                     row.port,
-                    row.pid,
+                    row.server.pid,
                     row.pid_start.map(to_i64).transpose()?,
-                    row.ready_at_ms.map(to_i64).transpose()?,
-                    to_i64(row.last_activity_ms)?,
-                    row.cull_exempt,
+                    row.server.ready_at_ms.map(to_i64).transpose()?,
+                    to_i64(row.server.last_activity_ms)?,
+                    row.server.cull_exempt,
                 ],
             )?;
             Ok(())
@@ -181,26 +181,29 @@ fn server_from_row(r: &Row<'_>) -> rusqlite::Result<ServerRecord> {
     let launch: String = r.get(10)?;
     let mounts: String = r.get(19)?;
     Ok(ServerRecord {
-        id: r.get(0)?,
-        owner: r.get(1)?,
-        name: r.get(2)?,
-        status: ServerStatus::parse(&status)
-            .ok_or_else(|| bad(3, format!("unknown server status {status:?}")))?,
-        reason: r.get(4)?,
-        node: r.get(5)?,
-        devices: serde_json::from_str(&devices).map_err(|e| bad(6, e.to_string()))?,
-        cpu_millis: get_u64(r, 7)?,
-        memory_bytes: get_u64(r, 8)?,
-        image: r.get(9)?,
-        launch: serde_json::from_str(&launch).map_err(|e| bad(10, e.to_string()))?,
+        server: Server {
+            id: r.get(0)?,
+            owner: r.get(1)?,
+            name: r.get(2)?,
+            status: ServerStatus::parse(&status)
+                .ok_or_else(|| bad(3, format!("unknown server status {status:?}")))?,
+            reason: r.get(4)?,
+            node: r.get(5)?,
+            devices: serde_json::from_str(&devices).map_err(|e| bad(6, e.to_string()))?,
+            cpu_millis: get_u64(r, 7)?,
+            memory_bytes: get_u64(r, 8)?,
+            image: r.get(9)?,
+            launch: serde_json::from_str(&launch).map_err(|e| bad(10, e.to_string()))?,
+            pid: r.get(12)?,
+            created_at_ms: get_u64(r, 15)?,
+            ready_at_ms: get_opt_u64(r, 16)?,
+            last_activity_ms: get_u64(r, 17)?,
+            cull_exempt: r.get(18)?,
+            mounts: serde_json::from_str(&mounts).map_err(|e| bad(19, e.to_string()))?,
+            upstream: None,
+        },
         port: r.get(11)?,
-        pid: r.get(12)?,
         pid_start: get_opt_u64(r, 13)?,
         token: r.get(14)?,
-        created_at_ms: get_u64(r, 15)?,
-        ready_at_ms: get_opt_u64(r, 16)?,
-        last_activity_ms: get_u64(r, 17)?,
-        cull_exempt: r.get(18)?,
-        mounts: serde_json::from_str(&mounts).map_err(|e| bad(19, e.to_string()))?,
     })
 }

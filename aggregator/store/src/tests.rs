@@ -3,7 +3,7 @@
 use super::*;
 use kcloud_core::launch::Launch;
 use kcloud_core::repo::{AuditRepo, ServerRecord, ServerRepo, SessionRepo, UserRepo, VolumeRepo};
-use kcloud_core::server::{Mount, ServerEvent, ServerStatus};
+use kcloud_core::server::{Mount, Server, ServerEvent, ServerStatus};
 use rusqlite::params;
 
 use crate::servers::SERVER_EVENTS_MAX;
@@ -545,38 +545,41 @@ async fn audit_newest_first_and_clipped() {
 
 fn server_row(id: &str, name: &str) -> ServerRecord {
     ServerRecord {
-        id: id.into(),
-        owner: "alice".into(),
-        name: name.into(),
-        status: ServerStatus::Pending,
-        reason: Some("starting".into()),
-        node: Some("node-1".into()),
-        devices: vec!["MIG-a".into(), "MIG-b".into()],
-        cpu_millis: 2000,
-        memory_bytes: 8 << 30,
-        image: Some("quay.io/jupyter/scipy-notebook:latest".into()),
-        launch: Launch {
-            command: None,
-            args: vec!["--debug".into()],
-            env: [("A".to_owned(), "1".to_owned())].into(),
-            profile: Some(kcloud_core::launch::RunProfile::legacy(false)),
+        server: Server {
+            id: id.into(),
+            owner: "alice".into(),
+            name: name.into(),
+            status: ServerStatus::Pending,
+            reason: Some("starting".into()),
+            node: Some("node-1".into()),
+            devices: vec!["MIG-a".into(), "MIG-b".into()],
+            cpu_millis: 2000,
+            memory_bytes: 8 << 30,
+            image: Some("quay.io/jupyter/scipy-notebook:latest".into()),
+            launch: Launch {
+                command: None,
+                args: vec!["--debug".into()],
+                env: [("A".to_owned(), "1".to_owned())].into(),
+                profile: Some(kcloud_core::launch::RunProfile::legacy(false)),
+            },
+            pid: None,
+            created_at_ms: 10,
+            ready_at_ms: None,
+            last_activity_ms: 10,
+            cull_exempt: false,
+            mounts: vec![Mount {
+                source: kcloud_core::server::MountSource::Volume {
+                    name: "data".into(),
+                    local_path: Some("/srv/data".into()),
+                },
+                mount_path: "/home/jovyan/work".into(),
+                read_only: false,
+            }],
+            upstream: None,
         },
         port: Some(40000),
-        pid: None,
         pid_start: None,
         token: "secret-token".into(),
-        created_at_ms: 10,
-        ready_at_ms: None,
-        last_activity_ms: 10,
-        cull_exempt: false,
-        mounts: vec![Mount {
-            source: kcloud_core::server::MountSource::Volume {
-                name: "data".into(),
-                local_path: Some("/srv/data".into()),
-            },
-            mount_path: "/home/jovyan/work".into(),
-            read_only: false,
-        }],
     }
 }
 
@@ -594,13 +597,16 @@ async fn servers_round_trip_with_events() {
     assert_eq!(store.servers().await.unwrap(), std::slice::from_ref(&row));
 
     let saved = ServerRecord {
-        status: ServerStatus::Running,
-        reason: None,
-        pid: Some(4242),
+        server: Server {
+            status: ServerStatus::Running,
+            reason: None,
+            pid: Some(4242),
+            ready_at_ms: Some(20),
+            last_activity_ms: 20,
+            cull_exempt: true,
+            ..row.server.clone()
+        },
         pid_start: Some(99),
-        ready_at_ms: Some(20),
-        last_activity_ms: 20,
-        cull_exempt: true,
         ..row.clone()
     };
     store.save_server(saved.clone()).await.unwrap();
@@ -616,7 +622,10 @@ async fn servers_round_trip_with_events() {
     assert_eq!(
         back,
         ServerRecord {
-            last_activity_ms: 30,
+            server: Server {
+                last_activity_ms: 30,
+                ..saved.server.clone()
+            },
             ..saved
         }
     );

@@ -278,14 +278,9 @@ impl Provisioner for KubeProvisioner {
 
     async fn logs(&self, owner: &str, name: &str, tail: usize) -> Result<String> {
         let inner = &self.inner;
-        let Some((pod, token)) = inner
+        let (pod, token) = inner
             .table
-            .lock()
-            .get(&(owner.to_owned(), name.to_owned()))
-            .map(|e| (e.pod.clone(), e.token.clone()))
-        else {
-            return Err(Error::NotFound(format!("no server {owner}/{name}")));
-        };
+            .find(owner, name, |e| (e.pod.clone(), e.token.clone()))?;
         let params = LogParams {
             container: Some(CONTAINER.into()),
             tail_lines: Some(i64::try_from(tail).unwrap_or(i64::MAX)),
@@ -307,14 +302,9 @@ impl Provisioner for KubeProvisioner {
     async fn follow_logs(&self, owner: &str, name: &str, tail: usize) -> Result<LogStream> {
         use futures_util::{AsyncBufReadExt as _, StreamExt as _};
         let inner = &self.inner;
-        let Some((pod, token)) = inner
+        let (pod, token) = inner
             .table
-            .lock()
-            .get(&(owner.to_owned(), name.to_owned()))
-            .map(|e| (e.pod.clone(), e.token.clone()))
-        else {
-            return Err(Error::NotFound(format!("no server {owner}/{name}")));
-        };
+            .find(owner, name, |e| (e.pod.clone(), e.token.clone()))?;
         let params = LogParams {
             container: Some(CONTAINER.into()),
             tail_lines: Some(i64::try_from(tail).unwrap_or(i64::MAX)),
@@ -346,14 +336,9 @@ impl Provisioner for KubeProvisioner {
 
     async fn events(&self, owner: &str, name: &str) -> Result<Vec<ServerEvent>> {
         let inner = &self.inner;
-        let Some((uid, mut events)) = inner
+        let (uid, mut events) = inner
             .table
-            .lock()
-            .get(&(owner.to_owned(), name.to_owned()))
-            .map(|e| (e.server.id.clone(), e.events.clone()))
-        else {
-            return Err(Error::NotFound(format!("no server {owner}/{name}")));
-        };
+            .find(owner, name, |e| (e.server.id.clone(), e.events.clone()))?;
         let params = ListParams::default()
             .fields(&format!("involvedObject.kind=Pod,involvedObject.uid={uid}"));
         let listed = inner
@@ -383,14 +368,9 @@ impl Provisioner for KubeProvisioner {
     }
 
     fn touch(&self, owner: &str, name: &str, at_ms: u64) {
-        if let Some(e) = self
-            .inner
-            .table
-            .lock()
-            .get_mut(&(owner.to_owned(), name.to_owned()))
-        {
+        self.inner.table.with(owner, name, |e| {
             e.server.last_activity_ms = e.server.last_activity_ms.max(at_ms);
-        }
+        });
     }
 
     fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
@@ -403,8 +383,7 @@ impl Provisioner for KubeProvisioner {
         name: &str,
         exempt: bool,
     ) -> Result<Option<Server>> {
-        let key = (owner.to_owned(), name.to_owned());
-        let Some(pod) = self.inner.table.lock().get(&key).map(|e| e.pod.clone()) else {
+        let Some(pod) = self.inner.table.with(owner, name, |e| e.pod.clone()) else {
             return Ok(None);
         };
         // On the pod, where recovery reads it back.
@@ -423,7 +402,7 @@ impl Provisioner for KubeProvisioner {
                     .patch(&pod, &PatchParams::default(), &Patch::Merge(&patch)),
             )
             .await?;
-        Ok(self.inner.table.lock().get_mut(&key).map(|e| {
+        Ok(self.inner.table.with(owner, name, |e| {
             e.server.cull_exempt = exempt;
             e.server.clone()
         }))
@@ -453,26 +432,7 @@ impl Inner {
         inner.table.insert_new(
             key.clone(),
             Entry {
-                server: Server {
-                    id: pod_name.clone(),
-                    owner: spec.owner.clone(),
-                    name: spec.name.clone(),
-                    status: ServerStatus::Pending,
-                    reason: None,
-                    node: spec.node.clone(),
-                    devices: spec.devices.clone(),
-                    cpu_millis: spec.cpu_millis,
-                    memory_bytes: spec.memory_bytes,
-                    image: spec.image.clone(),
-                    launch: spec.launch.clone(),
-                    created_at_ms: now,
-                    ready_at_ms: None,
-                    last_activity_ms: now,
-                    cull_exempt: false,
-                    mounts: spec.mounts.clone(),
-                    pid: None,
-                    upstream: None,
-                },
+                server: Server::pending(pod_name.clone(), spec.clone(), now),
                 pod: pod_name.clone(),
                 token: token.clone(),
                 port: profile.port,

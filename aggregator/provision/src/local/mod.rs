@@ -106,7 +106,7 @@ impl crate::table::Entry for Entry {
     }
 
     fn id(&self) -> &str {
-        &self.row.id
+        &self.row.server.id
     }
 }
 
@@ -137,50 +137,50 @@ impl Provisioner for LocalProvisioner {
             .await
             .map_err(|e| Error::Internal(format!("process scan failed: {e}")))?;
         for mut row in inner.store.servers().await? {
-            let strays = tagged.remove(&row.id).unwrap_or_default();
+            let strays = tagged.remove(&row.server.id).unwrap_or_default();
             // Whether to watch it (and whether it answers yet), once it is in the map.
             let mut adopted = None;
-            match row.status {
+            match row.server.status {
                 ServerStatus::Stopping => {
                     // A delete was cut short: finish it.
-                    if let Some(pid) = row.pid {
+                    if let Some(pid) = row.server.pid {
                         stop_process(pid, row.pid_start, inner.opts.stop_grace).await;
                     }
                     stop_strays(&strays, inner.opts.stop_grace).await;
-                    inner.store.delete_server(&row.id).await?;
-                    tracing::info!(owner = %row.owner, server = %row.name, "finished an interrupted delete");
+                    inner.store.delete_server(&row.server.id).await?;
+                    tracing::info!(owner = %row.server.owner, server = %row.server.name, "finished an interrupted delete");
                     continue;
                 }
                 ServerStatus::Failed => stop_strays(&strays, inner.opts.stop_grace).await,
                 ServerStatus::Pending | ServerStatus::Running => {
-                    let live = row.pid.is_some_and(|pid| alive(pid, row.pid_start));
+                    let live = row.server.pid.is_some_and(|pid| alive(pid, row.pid_start));
                     if live {
                         let ready = inner.probe(&row).await;
-                        let pid = row.pid.unwrap_or_default();
-                        row.status = if ready {
+                        let pid = row.server.pid.unwrap_or_default();
+                        row.server.status = if ready {
                             ServerStatus::Running
                         } else {
                             ServerStatus::Pending
                         };
                         if ready {
-                            row.reason = None;
-                            row.ready_at_ms.get_or_insert_with(now_ms);
+                            row.server.reason = None;
+                            row.server.ready_at_ms.get_or_insert_with(now_ms);
                         }
                         inner.store.save_server(row.clone()).await?;
                         inner
                             .event(
-                                &row.id,
+                                &row.server.id,
                                 "Adopted",
                                 format!(
                                     "process {pid} still running after a restart; {}",
-                                    row.status.as_str()
+                                    row.server.status.as_str()
                                 ),
                             )
                             .await;
                         adopted = Some(ready);
                     } else {
-                        row.status = ServerStatus::Failed;
-                        row.reason = Some(if strays.is_empty() {
+                        row.server.status = ServerStatus::Failed;
+                        row.server.reason = Some(if strays.is_empty() {
                             "its process ended while kcloud-aggregator was not running".into()
                         } else {
                             // Started but never recorded: nothing knows its pid to
@@ -190,16 +190,20 @@ impl Provisioner for LocalProvisioner {
                         });
                         inner.store.save_server(row.clone()).await?;
                         inner
-                            .event(&row.id, "Failed", row.reason.clone().unwrap_or_default())
+                            .event(
+                                &row.server.id,
+                                "Failed",
+                                row.server.reason.clone().unwrap_or_default(),
+                            )
                             .await;
                     }
                 }
             }
-            tracing::info!(owner = %row.owner, server = %row.name, status = row.status.as_str(), "server recovered");
+            tracing::info!(owner = %row.server.owner, server = %row.server.name, status = row.server.status.as_str(), "server recovered");
             out.push(view(&row));
-            let key = (row.owner.clone(), row.name.clone());
-            let id = row.id.clone();
-            let saved_activity_ms = row.last_activity_ms;
+            let key = (row.server.owner.clone(), row.server.name.clone());
+            let id = row.server.id.clone();
+            let saved_activity_ms = row.server.last_activity_ms;
             inner.table.insert(
                 key.clone(),
                 Entry {
@@ -225,28 +229,15 @@ impl Provisioner for LocalProvisioner {
         let program = inner.program(&spec)?;
         let now = now_ms();
         let mut row = ServerRecord {
-            id: uuid::Uuid::new_v4().to_string(),
-            owner: spec.owner,
-            name: spec.name,
-            status: ServerStatus::Pending,
-            reason: Some("starting".into()),
-            node: spec.node,
-            devices: spec.devices,
-            cpu_millis: spec.cpu_millis,
-            memory_bytes: spec.memory_bytes,
-            image: spec.image,
-            launch: spec.launch,
+            server: Server {
+                reason: Some("starting".into()),
+                ..Server::pending(uuid::Uuid::new_v4().to_string(), spec, now)
+            },
             port: None,
-            pid: None,
             pid_start: None,
             token: random_token(),
-            created_at_ms: now,
-            ready_at_ms: None,
-            last_activity_ms: now,
-            cull_exempt: false,
-            mounts: spec.mounts,
         };
-        let key = (row.owner.clone(), row.name.clone());
+        let key = (row.server.owner.clone(), row.server.name.clone());
         inner.table.insert_new(
             key.clone(),
             Entry {
@@ -257,22 +248,22 @@ impl Provisioner for LocalProvisioner {
         match inner.start(&mut row, program).await {
             Ok(child) => {
                 let started = view(&row);
-                inner.table.update(&key, &row.id, |e| {
+                inner.table.update(&key, &row.server.id, |e| {
                     e.row = row.clone();
                     (false, ())
                 });
                 tokio::spawn(watch(
                     inner.clone(),
                     key,
-                    row.id.clone(),
+                    row.server.id.clone(),
                     Some(child),
                     false,
                 ));
                 Ok(started)
             }
             Err(e) => {
-                inner.table.forget(&key, &row.id);
-                if let Err(e) = inner.store.delete_server(&row.id).await {
+                inner.table.forget(&key, &row.server.id);
+                if let Err(e) = inner.store.delete_server(&row.server.id).await {
                     tracing::error!(error = %e, "could not remove the record of a server that failed to start");
                 }
                 Err(e)
@@ -288,19 +279,24 @@ impl Provisioner for LocalProvisioner {
             let Some(e) = servers.get_mut(&key) else {
                 return Ok(None);
             };
-            e.row.status = ServerStatus::Stopping;
-            e.row.reason = Some("deleting".into());
+            e.row.server.status = ServerStatus::Stopping;
+            e.row.server.reason = Some("deleting".into());
             e.row.clone()
         };
         inner.table.notify();
         inner.store.save_server(row.clone()).await?;
-        inner.event(&row.id, "Stopping", "deleted".into()).await;
-        if let Some(pid) = row.pid {
+        inner
+            .event(&row.server.id, "Stopping", "deleted".into())
+            .await;
+        if let Some(pid) = row.server.pid {
             stop_process(pid, row.pid_start, inner.opts.stop_grace).await;
         }
-        inner.store.delete_server(&row.id).await?;
-        inner.table.forget(&key, &row.id);
-        unlink_mounts(&inner.server_dir(owner, name).join("work"), &row.mounts);
+        inner.store.delete_server(&row.server.id).await?;
+        inner.table.forget(&key, &row.server.id);
+        unlink_mounts(
+            &inner.server_dir(owner, name).join("work"),
+            &row.server.mounts,
+        );
         let runtime = inner.server_dir(owner, name).join("runtime");
         if let Err(e) = std::fs::remove_dir_all(&runtime)
             && e.kind() != std::io::ErrorKind::NotFound
@@ -322,10 +318,7 @@ impl Provisioner for LocalProvisioner {
         let token = self
             .inner
             .table
-            .lock()
-            .get(&(owner.to_owned(), name.to_owned()))
-            .map(|e| e.row.token.clone())
-            .ok_or_else(|| not_found(owner, name))?;
+            .find(owner, name, |e| e.row.token.clone())?;
         let path = self.inner.server_dir(owner, name).join("server.log");
         let text = tokio::task::spawn_blocking(move || tail_lines(&path, tail, LOG_TAIL_BYTES))
             .await
@@ -339,13 +332,9 @@ impl Provisioner for LocalProvisioner {
 
     async fn follow_logs(&self, owner: &str, name: &str, tail: usize) -> Result<LogStream> {
         let key = (owner.to_owned(), name.to_owned());
-        let (token, id) = self
-            .inner
-            .table
-            .lock()
-            .get(&key)
-            .map(|e| (e.row.token.clone(), e.row.id.clone()))
-            .ok_or_else(|| not_found(owner, name))?;
+        let (token, id) = self.inner.table.find(owner, name, |e| {
+            (e.row.token.clone(), e.row.server.id.clone())
+        })?;
         let path = self.inner.server_dir(owner, name).join("server.log");
         // Where following starts: the end as it is now; the tail is what lies before.
         // The tail is what the file holds now, up to its last whole line; following
@@ -382,28 +371,19 @@ impl Provisioner for LocalProvisioner {
         let id = self
             .inner
             .table
-            .lock()
-            .get(&(owner.to_owned(), name.to_owned()))
-            .map(|e| e.row.id.clone())
-            .ok_or_else(|| not_found(owner, name))?;
+            .find(owner, name, |e| e.row.server.id.clone())?;
         self.inner.store.server_events(&id).await
     }
 
     fn touch(&self, owner: &str, name: &str, at_ms: u64) {
-        let save = {
-            let mut servers = self.inner.table.lock();
-            let Some(e) = servers.get_mut(&(owner.to_owned(), name.to_owned())) else {
-                return;
-            };
-            e.row.last_activity_ms = e.row.last_activity_ms.max(at_ms);
-            if e.row.last_activity_ms >= e.saved_activity_ms + ACTIVITY_SAVE_MS {
-                e.saved_activity_ms = e.row.last_activity_ms;
-                Some((e.row.id.clone(), e.row.last_activity_ms))
-            } else {
-                None
-            }
-        };
-        if let Some(seen) = save {
+        let save = self.inner.table.with(owner, name, |e| {
+            e.row.server.last_activity_ms = e.row.server.last_activity_ms.max(at_ms);
+            (e.row.server.last_activity_ms >= e.saved_activity_ms + ACTIVITY_SAVE_MS).then(|| {
+                e.saved_activity_ms = e.row.server.last_activity_ms;
+                (e.row.server.id.clone(), e.row.server.last_activity_ms)
+            })
+        });
+        if let Some(Some(seen)) = save {
             let store = self.inner.store.clone();
             tokio::spawn(async move {
                 if let Err(e) = store.touch_servers(vec![seen]).await {
@@ -419,13 +399,11 @@ impl Provisioner for LocalProvisioner {
         name: &str,
         exempt: bool,
     ) -> Result<Option<Server>> {
-        let row = {
-            let mut servers = self.inner.table.lock();
-            let Some(e) = servers.get_mut(&(owner.to_owned(), name.to_owned())) else {
-                return Ok(None);
-            };
-            e.row.cull_exempt = exempt;
+        let Some(row) = self.inner.table.with(owner, name, |e| {
+            e.row.server.cull_exempt = exempt;
             e.row.clone()
+        }) else {
+            return Ok(None);
         };
         self.inner.store.save_server(row.clone()).await?;
         Ok(Some(view(&row)))
@@ -442,10 +420,10 @@ impl Provisioner for LocalProvisioner {
             .table
             .lock()
             .values_mut()
-            .filter(|e| e.row.last_activity_ms > e.saved_activity_ms)
+            .filter(|e| e.row.server.last_activity_ms > e.saved_activity_ms)
             .map(|e| {
-                e.saved_activity_ms = e.row.last_activity_ms;
-                (e.row.id.clone(), e.row.last_activity_ms)
+                e.saved_activity_ms = e.row.server.last_activity_ms;
+                (e.row.server.id.clone(), e.row.server.last_activity_ms)
             })
             .collect();
         if !unsaved.is_empty()
@@ -456,41 +434,21 @@ impl Provisioner for LocalProvisioner {
     }
 }
 
-fn not_found(owner: &str, name: &str) -> Error {
-    Error::NotFound(format!("no server {owner}/{name}"))
-}
-
 /// The API-facing view of a row; the proxy's upstream only while running.
 fn view(row: &ServerRecord) -> Server {
-    let upstream = match (row.status, row.port) {
+    let upstream = match (row.server.status, row.port) {
         (ServerStatus::Running, Some(port)) => Some(Upstream::new(
-            &row.owner,
-            &row.name,
-            &row.launch,
+            &row.server.owner,
+            &row.server.name,
+            &row.server.launch,
             SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
             &row.token,
         )),
         _ => None,
     };
     Server {
-        id: row.id.clone(),
-        owner: row.owner.clone(),
-        name: row.name.clone(),
-        status: row.status,
-        reason: row.reason.clone(),
-        node: row.node.clone(),
-        devices: row.devices.clone(),
-        cpu_millis: row.cpu_millis,
-        memory_bytes: row.memory_bytes,
-        image: row.image.clone(),
-        launch: row.launch.clone(),
-        created_at_ms: row.created_at_ms,
-        ready_at_ms: row.ready_at_ms,
-        last_activity_ms: row.last_activity_ms,
-        cull_exempt: row.cull_exempt,
-        pid: row.pid,
         upstream,
-        mounts: row.mounts.clone(),
+        ..row.server.clone()
     }
 }
 
@@ -521,9 +479,12 @@ impl LogFollow {
                 .table
                 .lock()
                 .get(&self.key)
-                .filter(|e| e.row.id == self.id)
+                .filter(|e| e.row.server.id == self.id)
                 .is_some_and(|e| {
-                    matches!(e.row.status, ServerStatus::Pending | ServerStatus::Running)
+                    matches!(
+                        e.row.server.status,
+                        ServerStatus::Pending | ServerStatus::Running
+                    )
                 });
             if !live {
                 self.idle_after_end += 1;
@@ -661,12 +622,12 @@ impl Inner {
         row: &mut ServerRecord,
         program: Program,
     ) -> Result<tokio::process::Child> {
-        let dir = self.server_dir(&row.owner, &row.name);
+        let dir = self.server_dir(&row.server.owner, &row.server.name);
         let work = dir.join("work");
         let runtime = dir.join("runtime");
         create_private_dir(&work)?;
         create_private_dir(&runtime)?;
-        link_mounts(&work, &row.mounts)?;
+        link_mounts(&work, &row.server.mounts)?;
         let log_path = dir.join("server.log");
         let log = open_log(&log_path).map_err(|source| Error::Io {
             context: format!("creating {}", log_path.display()),
@@ -676,21 +637,21 @@ impl Inner {
         row.port = Some(port);
         self.store.insert_server(row.clone()).await?;
         self.event(
-            &row.id,
+            &row.server.id,
             "Created",
-            if row.devices.is_empty() {
+            if row.server.devices.is_empty() {
                 "no devices".into()
             } else {
                 format!(
                     "devices {} on {}",
-                    row.devices.join(", "),
-                    row.node.as_deref().unwrap_or("?")
+                    row.server.devices.join(", "),
+                    row.server.node.as_deref().unwrap_or("?")
                 )
             },
         )
         .await;
 
-        let base = base_url(&row.owner, &row.name);
+        let base = base_url(&row.server.owner, &row.server.name);
         let jupyter = program.launch.command.is_none();
         let binding = Binding {
             ip: "127.0.0.1",
@@ -708,13 +669,13 @@ impl Inner {
             write_jupyter_config(&config)?;
         }
 
-        let devices = row.devices.join(",");
+        let devices = row.server.devices.join(",");
         let mut cmd = tokio::process::Command::new(&argv[0]);
         cmd.args(&argv[1..])
             .current_dir(&work)
             .env_clear()
             .envs(std::env::vars_os().filter(|(k, _)| passes(k)))
-            .envs(&row.launch.env)
+            .envs(&row.server.launch.env)
             .env("CUDA_VISIBLE_DEVICES", &devices)
             .env(
                 "NVIDIA_VISIBLE_DEVICES",
@@ -722,10 +683,10 @@ impl Inner {
             )
             .env("JUPYTER_RUNTIME_DIR", &runtime)
             .env("JUPYTER_CONFIG_PATH", &config)
-            .env("KCLOUD_USER", &row.owner)
-            .env("KCLOUD_SERVER", &row.name)
+            .env("KCLOUD_USER", &row.server.owner)
+            .env("KCLOUD_SERVER", &row.server.name)
             // Lets a restart find the process even if its pid was never recorded.
-            .env(SERVER_ID_ENV, &row.id)
+            .env(SERVER_ID_ENV, &row.server.id)
             .env("KCLOUD_PORT", port.to_string())
             .env("KCLOUD_BASE_URL", &base)
             .stdin(Stdio::null())
@@ -738,7 +699,7 @@ impl Inner {
             // Ctrl-C to the aggregator does not reach it.
             .process_group(0)
             .kill_on_drop(false);
-        if row.launch.run_profile().is_jupyter() {
+        if row.server.launch.run_profile().is_jupyter() {
             // Only an IDE that checks the token gets it; the others run behind the
             // proxy's auth and have no use for a secret.
             cmd.env("JUPYTER_TOKEN", &row.token);
@@ -750,16 +711,16 @@ impl Inner {
         let pid = child
             .id()
             .ok_or_else(|| Error::Internal("started process has no pid".into()))?;
-        row.pid = Some(pid);
+        row.server.pid = Some(pid);
         row.pid_start = proc_stat(pid).map(|s| s.start);
         self.store.save_server(row.clone()).await?;
         self.event(
-            &row.id,
+            &row.server.id,
             "Started",
             format!("process {pid} listening on loopback port {port}"),
         )
         .await;
-        tracing::info!(owner = %row.owner, server = %row.name, pid, port, "server started");
+        tracing::info!(owner = %row.server.owner, server = %row.server.name, pid, port, "server started");
         Ok(child)
     }
 
@@ -769,8 +730,8 @@ impl Inner {
         let Some(port) = row.port else {
             return false;
         };
-        let profile = row.launch.run_profile();
-        let path = profile.probe_path(&base_url(&row.owner, &row.name));
+        let profile = row.server.launch.run_profile();
+        let path = profile.probe_path(&base_url(&row.server.owner, &row.server.name));
         let mut req = Request::get(format!("http://127.0.0.1:{port}{path}"));
         if profile.is_jupyter() {
             req = req.header(header::AUTHORIZATION, format!("token {}", row.token));
@@ -788,13 +749,13 @@ impl Inner {
     async fn mark_running(&self, key: &Key, id: &str, since: Instant) {
         let now = now_ms();
         let Some(row) = self.update(key, id, |r| {
-            if r.status != ServerStatus::Pending {
+            if r.server.status != ServerStatus::Pending {
                 return false;
             }
-            r.status = ServerStatus::Running;
-            r.reason = None;
-            r.ready_at_ms.get_or_insert(now);
-            r.last_activity_ms = r.last_activity_ms.max(now);
+            r.server.status = ServerStatus::Running;
+            r.server.reason = None;
+            r.server.ready_at_ms.get_or_insert(now);
+            r.server.last_activity_ms = r.server.last_activity_ms.max(now);
             true
         }) else {
             return;
@@ -805,22 +766,25 @@ impl Inner {
         let ms = since.elapsed().as_millis();
         self.event(id, "Ready", format!("answering after {ms} ms"))
             .await;
-        tracing::info!(owner = %row.owner, server = %row.name, ms, "server running");
+        tracing::info!(owner = %row.server.owner, server = %row.server.name, ms, "server running");
     }
 
     /// Marks a pending or running server failed and reports its end.
     async fn fail(&self, key: &Key, id: &str, reason: String) {
         let Some(row) = self.update(key, id, |r| {
-            if !matches!(r.status, ServerStatus::Pending | ServerStatus::Running) {
+            if !matches!(
+                r.server.status,
+                ServerStatus::Pending | ServerStatus::Running
+            ) {
                 return false;
             }
-            r.status = ServerStatus::Failed;
-            r.reason = Some(reason.clone());
+            r.server.status = ServerStatus::Failed;
+            r.server.reason = Some(reason.clone());
             true
         }) else {
             return;
         };
-        tracing::warn!(owner = %row.owner, server = %row.name, %reason, "server failed");
+        tracing::warn!(owner = %row.server.owner, server = %row.server.name, %reason, "server failed");
         self.exits.exited(&view(&row));
         if let Err(e) = self.store.save_server(row).await {
             tracing::warn!(error = %e, "could not save a server's status");
@@ -861,12 +825,12 @@ async fn watch(
         .table
         .lock()
         .get(&key)
-        .filter(|e| e.row.id == id)
+        .filter(|e| e.row.server.id == id)
         .map(|e| e.row.clone())
     else {
         return;
     };
-    let (Some(pid), pid_start) = (row.pid, row.pid_start) else {
+    let (Some(pid), pid_start) = (row.server.pid, row.pid_start) else {
         return;
     };
     loop {
@@ -881,11 +845,9 @@ async fn watch(
             _ = tokio::time::sleep(delay) => None,
         };
         // Deleted (or being deleted): the delete does the rest.
-        let current = inner
-            .table
-            .lock()
-            .get(&key)
-            .is_some_and(|e| e.row.id == id && e.row.status != ServerStatus::Stopping);
+        let current = inner.table.lock().get(&key).is_some_and(|e| {
+            e.row.server.id == id && e.row.server.status != ServerStatus::Stopping
+        });
         if !current {
             return;
         }

@@ -158,7 +158,11 @@ async fn a_server_runs_pinned_answers_and_is_deleted() {
     let rows = f.store.servers().await.unwrap();
     assert_eq!(rows.len(), 1);
     assert_eq!(
-        (rows[0].status, rows[0].pid, rows[0].token.as_str()),
+        (
+            rows[0].server.status,
+            rows[0].server.pid,
+            rows[0].token.as_str()
+        ),
         (
             ServerStatus::Running,
             Some(pid),
@@ -340,8 +344,12 @@ async fn restart_adopts_live_servers_fails_dead_ones_and_finishes_deletes() {
     let dead_pid = dead.pid.unwrap();
     rustix::process::kill_process(Pid::from_raw(dead_pid as i32).unwrap(), Signal::KILL).unwrap();
     let mut rows = f.store.servers().await.unwrap();
-    let mut half_row = rows.iter().find(|r| r.name == "half").unwrap().clone();
-    half_row.status = ServerStatus::Stopping;
+    let mut half_row = rows
+        .iter()
+        .find(|r| r.server.name == "half")
+        .unwrap()
+        .clone();
+    half_row.server.status = ServerStatus::Stopping;
     f.store.save_server(half_row).await.unwrap();
     let me = std::process::id();
     let template = rows.remove(0);
@@ -351,12 +359,15 @@ async fn restart_adopts_live_servers_fails_dead_ones_and_finishes_deletes() {
     ] {
         f.store
             .insert_server(ServerRecord {
-                id: name.into(),
-                name: name.into(),
-                status,
-                pid: Some(me),
+                server: Server {
+                    id: name.into(),
+                    name: name.into(),
+                    status,
+                    pid: Some(me),
+                    devices: vec![],
+                    ..template.server.clone()
+                },
                 pid_start: Some(1),
-                devices: vec![],
                 ..template.clone()
             })
             .await
@@ -428,7 +439,7 @@ async fn a_start_cut_short_before_its_pid_was_recorded_is_stopped_at_restart() {
     f.p.shutdown().await;
     // The row as the kill left it: pending, no pid.
     let mut row = f.store.servers().await.unwrap().remove(0);
-    (row.pid, row.pid_start) = (None, None);
+    (row.server.pid, row.pid_start) = (None, None);
     f.store.save_server(row).await.unwrap();
 
     let p = LocalProvisioner::new(
@@ -473,7 +484,7 @@ async fn activity_is_kept_in_memory_and_saved_in_batches() {
     f.p.touch("alice", "nobody", t0);
     f.p.shutdown().await;
     assert_eq!(
-        f.store.servers().await.unwrap()[0].last_activity_ms,
+        f.store.servers().await.unwrap()[0].server.last_activity_ms,
         t0 + 1_000,
         "flushed at shutdown"
     );

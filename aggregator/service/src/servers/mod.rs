@@ -205,12 +205,7 @@ impl Servers {
         req: CreateServer,
     ) -> Result<Server> {
         caller.may_see_user(user)?;
-        let owner = self
-            .repo
-            .user(user)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("no user {user:?}")))?
-            .user;
+        let owner = self.repo.existing_user(user).await?;
         if owner.disabled {
             return Err(Error::Conflict(format!("user {user:?} is disabled")));
         }
