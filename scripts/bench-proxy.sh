@@ -6,13 +6,16 @@
 #
 # Parts (PARTS, default all):
 #   http     wrk against JupyterLab's /files/ (a small file, a 1 MiB file): direct (its
-#            token as `Authorization: token`), through kcloud (the user's bearer token),
-#            through configurable-http-proxy; rounds alternate the three; medians of
-#            rounds for req/s and for wrk's p99 (--latency), ratios to direct.
+#            token as `Authorization: token`), through kcloud on the portal's origin
+#            (the user's bearer token), through kcloud on the user's own origin
+#            (`admin.localhost`, the server's cookie a browser gets), through
+#            configurable-http-proxy; rounds alternate the four; medians of rounds for
+#            req/s and for wrk's p99 (--latency), ratios to direct.
 #   download a DOWNLOAD_MIB (1024) file through kcloud, the aggregator's VmHWM before
 #            and after (and the same file directly, for the rate).
 #   kernel   examples/bench_kernel.rs: execute_request `1+1` round trips on a websocket
-#            to one kernel, direct / kcloud / chp, client with and without TCP_QUICKACK.
+#            to one kernel, direct / kcloud (bearer) / kcloud on the user origin (cookie)
+#            / chp, client with and without TCP_QUICKACK.
 #   create   POST -> `running` for a custom server whose program answers at once
 #            (python3 -m http.server), minus the same program's own start-up measured
 #            directly; and POST -> 201.
@@ -125,6 +128,19 @@ wait_running() {
 }
 
 JP='' JTOKEN='' CHP_PID=''
+# The URL and the request headers (one per line) of each path to the server.
+url_of() {
+  case $1 in
+    direct) echo "$DIRECT" ;; kcloud | origin) echo "$KCLOUD" ;; chp) echo "$CHPURL" ;;
+  esac
+}
+headers_of() {
+  case $1 in
+    direct | chp) echo "Authorization: $JAUTH" ;;
+    kcloud) echo "Authorization: $BEARER" ;;
+    origin) echo "$ORIGIN_HEADERS" ;;
+  esac
+}
 if want http || want download || want kernel; then
   log "creating JupyterLab server admin/bench through the API"
   curl -sf -H "authorization: $BEARER" -H 'content-type: application/json' \
@@ -147,6 +163,16 @@ EOF
   KCLOUD=$BASE$PREFIX
   CHPURL=http://127.0.0.1:$CHP_PORT$PREFIX
   JAUTH="token $JTOKEN"
+  # The user's origin as a browser reaches it: a one-time link from the API, traded
+  # there for the server's cookie (one redirect at open, none per request).
+  ORIGIN_HOST=admin.localhost:$PORT
+  OPEN_URL=$(curl -sf -H "authorization: $BEARER" -H 'content-type: application/json' -d '{}' \
+    "$SERVERS/bench/open" | python3 -c 'import json,sys; print(json.load(sys.stdin)["url"])') ||
+    die "could not open the server"
+  SRV_COOKIE=$(curl -sf -o /dev/null -D - --resolve "$ORIGIN_HOST:127.0.0.1" "$OPEN_URL" |
+    sed -n 's/^set-cookie: \([^;]*\).*/\1/Ip' | tr -d '\r')
+  [[ $SRV_COOKIE == kcloud_srv_bench=* ]] || die "no server cookie from $OPEN_URL"
+  ORIGIN_HEADERS="Cookie: $SRV_COOKIE"$'\n'"Host: $ORIGIN_HOST"
 
   if want http || want kernel; then
     log "starting configurable-http-proxy on $CHP_PORT -> JupyterLab on $JP"
@@ -163,20 +189,24 @@ EOF
   # Same bytes on every path before anything is timed.
   for f in small.txt 1mib.bin; do
     want=$(sha256sum "$WORK/$f" | cut -d' ' -f1)
-    for path in "direct|$DIRECT|$JAUTH" "kcloud|$KCLOUD|$BEARER" "chp|$CHPURL|$JAUTH"; do
-      IFS='|' read -r name url auth <<<"$path"
+    for name in direct kcloud origin chp; do
       [[ $name == chp && -z $CHP_PID ]] && continue
-      got=$(curl -sf -H "authorization: $auth" "$url/files/$f" | sha256sum | cut -d' ' -f1) ||
+      mapfile -t hs < <(headers_of "$name")
+      args=()
+      for h in "${hs[@]}"; do args+=(-H "$h"); done
+      got=$(curl -sf "${args[@]}" "$(url_of "$name")/files/$f" | sha256sum | cut -d' ' -f1) ||
         die "$name: GET /files/$f failed"
       [[ $got == "$want" ]] || die "$name: /files/$f returned other bytes"
     done
   done
 fi
 
-# wrk URL AUTH -> "req/s p99_ms"; fails on errors or non-2xx answers.
+# wrk URL HEADER... -> "req/s p99_ms"; fails on errors or non-2xx answers.
 run_wrk() {
-  local out
-  out=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -H "Authorization: $2" "$1")
+  local out url=$1 args=()
+  shift
+  for h in "$@"; do args+=(-H "$h"); done
+  out=$(wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "${args[@]}" "$url")
   if grep -qE 'Non-2xx|Socket errors' <<<"$out"; then
     printf '%s\n' "$out" >&2
     die "wrk saw errors against $1"
@@ -194,9 +224,9 @@ if want http; then
   declare -A RPS P99
   for ((r = 1; r <= ROUNDS; r++)); do
     for f in small.txt 1mib.bin; do
-      for path in "direct|$DIRECT|$JAUTH" "kcloud|$KCLOUD|$BEARER" "chp|$CHPURL|$JAUTH"; do
-        IFS='|' read -r name url auth <<<"$path"
-        read -r rps p99 < <(run_wrk "$url/files/$f" "$auth")
+      for name in direct kcloud origin chp; do
+        mapfile -t hs < <(headers_of "$name")
+        read -r rps p99 < <(run_wrk "$(url_of "$name")/files/$f" "${hs[@]}")
         log "round $r $f $name: $rps req/s, p99 $p99 ms"
         RPS[$f,$name]+="$rps " P99[$f,$name]+="$p99 "
       done
@@ -209,7 +239,8 @@ if want http; then
 Command: \`scripts/bench-proxy.sh\` (ROUNDS=$ROUNDS, wrk -t1 -c$CONNS -d${DURATION}s --latency),
 release aggregator \`--simulate dgx-a100-mig\`, one JupyterLab $(jupyter-lab --version 2>/dev/null)
 created through the API, configurable-http-proxy $("$CHP" --version) (node $(node --version)),
-all on 127.0.0.1; $CPUS CPUs ($MODEL), $TODAY. Rounds alternate direct, kcloud, chp.
+all on 127.0.0.1; $CPUS CPUs ($MODEL), $TODAY. Rounds alternate direct, kcloud (bearer
+token, portal origin), origin (the server's cookie on \`admin.localhost\`, as a browser), chp.
 Small file: 100 bytes; large: 1 MiB. Per round: req/s (p99 ms).
 
 | file | path | $(for ((r = 1; r <= ROUNDS; r++)); do printf 'round %d | ' "$r"; done)median req/s | vs direct | median p99 | p99 added |
@@ -218,7 +249,7 @@ EOF
   for f in small.txt 1mib.bin; do
     # shellcheck disable=SC2086
     d_rps=$(median ${RPS[$f,direct]}) d_p99=$(median ${P99[$f,direct]})
-    for name in direct kcloud chp; do
+    for name in direct kcloud origin chp; do
       read -ra rr <<<"${RPS[$f,$name]}"
       read -ra pp <<<"${P99[$f,$name]}"
       cells=""
@@ -240,6 +271,8 @@ if want kernel; then
   TABLE=$("$KBIN" --n "$KERNEL_N" --warmup 5 --rounds 3 --quickack both \
     --target "direct=ws://127.0.0.1:$JP$PREFIX$ch" --auth "direct=$JAUTH" \
     --target "kcloud=ws://127.0.0.1:$PORT$PREFIX$ch" --auth "kcloud=$BEARER" \
+    --target "origin=ws://$ORIGIN_HOST$PREFIX$ch" --connect "origin=127.0.0.1:$PORT" \
+    --header "origin=Cookie: $SRV_COOKIE" --header "origin=Origin: http://$ORIGIN_HOST" \
     --target "chp=ws://127.0.0.1:$CHP_PORT$PREFIX$ch" --auth "chp=$JAUTH")
   cat <<EOF
 

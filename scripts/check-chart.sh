@@ -8,7 +8,7 @@
 #   - the chart's contracts with the binaries: every --flag and KCLOUD_* variable it
 #     renders exists in agent/src/config.rs or aggregator/src/config.rs, and the
 #     rendered settings file holds only keys the aggregator's Settings
-#     (aggregator/core/src/settings.rs) accepts (it
+#     (aggregator/core/src/settings.rs, user.rs) accepts (it
 #     refuses unknown keys at start); the recommended labels on every object;
 #   - generated Secrets differ between renders (no fixed default), bad values are
 #     refused, and every PromQL query of the Grafana dashboard parses (promtool).
@@ -131,7 +131,7 @@ def cli(path):
 
 binaries = {"agent": cli("agent/src/config.rs"), "aggregator": cli("aggregator/src/config.rs")}
 # The settings file's structs (serde), apart from the command line.
-SETTINGS_SRC = open("aggregator/core/src/settings.rs").read()
+SETTINGS_SRC = open("aggregator/core/src/settings.rs").read() + open("aggregator/core/src/user.rs").read()
 # Read outside clap: the Downward API's NODE_NAME (agent), tracing's filter, and the
 # NVIDIA container toolkit's variables.
 OTHER_ENV = {"NODE_NAME", "RUST_LOG", "NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES"}
@@ -330,13 +330,35 @@ bad_values() {
     refused --set aggregator.kubernetes.runAsUser=0 &&
     refused --set aggregator.settings.default_quota.unlimited=1 &&
     refused --set aggregator.settings.presets.tiny.cpu_millis=0 &&
-    refused --set 'aggregator.nfsShares[0].name=x'
+    refused --set 'aggregator.nfsShares[0].name=x' &&
+    refused --set 'aggregator.userOrigins.pattern=https://users.example.org' &&
+    refused --set 'aggregator.userOrigins.pattern=https://{user}.x.org/path' &&
+    refused --set 'aggregator.trustedProxies[0]=ingress-nginx'
+}
+# The users' origins: the wildcard Ingress and the variables the binary reads.
+user_origins() {
+  python3 - "$WORK/ingress-values.yaml" <<'PY'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+users = [d for d in docs if d["kind"] == "Ingress" and d["metadata"]["name"].endswith("-users")]
+assert len(users) == 1, "one Ingress for users' origins"
+spec = users[0]["spec"]
+assert spec["rules"][0]["host"] == "*.users.kcloud.example.org", spec
+assert spec["tls"] == [{"secretName": "kcloud-users-wildcard-tls",
+                        "hosts": ["*.users.kcloud.example.org"]}], spec
+env = {e["name"]: e.get("value") for d in docs if d["kind"] == "Deployment"
+       for c in d["spec"]["template"]["spec"]["containers"] for e in c.get("env", [])}
+assert env["KCLOUD_USER_ORIGIN"] == "https://{user}.users.kcloud.example.org", env
+assert env["KCLOUD_TRUSTED_PROXIES"] == "10.244.0.0/16,192.0.2.10", env
+print("    wildcard Ingress, TLS and environment as configured")
+PY
 }
 dashboard() {
   python3 "$WORK/dashboard.py" "$CHART/dashboards/kcloud-gpus.json" "$WORK/rules.yaml" &&
     promtool check rules "$WORK/rules.yaml"
 }
 check "bad values are refused" bad_values
+check "users' origins: wildcard Ingress and environment" user_origins
 check "dashboard queries parse (promtool)" dashboard
 
 echo "chart: $passed passed, $failed failed"

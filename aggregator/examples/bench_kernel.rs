@@ -3,7 +3,10 @@
 //! `execute_reply` have arrived, for several paths to the same kernel side by side.
 //!
 //! Each target is `LABEL=URL` with the `Authorization` header value in `--auth LABEL=VALUE`
-//! (JupyterLab directly: `token ...`; through kcloud: `Bearer ...`). Rounds alternate the
+//! (JupyterLab directly: `token ...`; through kcloud: `Bearer ...`), more request headers
+//! in `--header 'LABEL=Name: value'` (a user origin's cookie and `Origin`), and where to
+//! connect in `--connect LABEL=HOST:PORT` when the URL's host does not resolve (a
+//! `{user}.localhost` origin, which browsers resolve themselves). Rounds alternate the
 //! targets; each round opens a fresh websocket, sends `--warmup` untimed executions,
 //! then `--n` timed ones, one at a time. With `--quickack both`, every target is also
 //! run with a client that acknowledges every read at once (TCP_QUICKACK), which is what
@@ -11,7 +14,7 @@
 //!
 //! Usage: cargo run --release -p kcloud-aggregator --example bench_kernel --
 //!          --target direct=ws://127.0.0.1:P/user/u/s/api/kernels/ID/channels
-//!          --auth 'direct=token T' [--target ... --auth ...]
+//!          --auth 'direct=token T' [--target ... --auth ... --header ... --connect ...]
 //!          [--n 200] [--warmup 10] [--rounds 3] [--quickack off|on|both]
 //! Prints a Markdown table (median and p99 per round, and over all rounds) and one
 //! `RESULT label quickack median_ms p99_ms` line per row.
@@ -67,6 +70,8 @@ impl AsyncWrite for Client {
 struct Args {
     targets: Vec<(String, String)>,
     auth: BTreeMap<String, String>,
+    headers: BTreeMap<String, Vec<(String, String)>>,
+    connect: BTreeMap<String, String>,
     n: usize,
     warmup: usize,
     rounds: usize,
@@ -77,6 +82,8 @@ fn parse_args() -> Result<Args, String> {
     let mut a = Args {
         targets: Vec::new(),
         auth: BTreeMap::new(),
+        headers: BTreeMap::new(),
+        connect: BTreeMap::new(),
         n: 200,
         warmup: 10,
         rounds: 3,
@@ -96,6 +103,18 @@ fn parse_args() -> Result<Args, String> {
             "--auth" => {
                 let (l, v) = pair(value()?)?;
                 a.auth.insert(l, v);
+            }
+            "--header" => {
+                let (l, v) = pair(value()?)?;
+                let (name, v) = v
+                    .split_once(':')
+                    .ok_or("--header expects LABEL=Name: value")?;
+                let header = (name.trim().to_owned(), v.trim().to_owned());
+                a.headers.entry(l).or_default().push(header);
+            }
+            "--connect" => {
+                let (l, v) = pair(value()?)?;
+                a.connect.insert(l, v);
             }
             "--n" => a.n = num(value()?)?.max(1),
             "--warmup" => a.warmup = num(value()?)?,
@@ -133,24 +152,44 @@ fn execute_request(session: &str, msg_id: &str) -> String {
     .to_string()
 }
 
+/// How to reach one target.
+struct Target<'a> {
+    url: &'a str,
+    auth: Option<&'a str>,
+    headers: &'a [(String, String)],
+    /// `HOST:PORT` to connect to instead of the URL's.
+    connect: Option<&'a str>,
+}
+
 /// One round on a fresh websocket: the timed round trips, in milliseconds.
 async fn round(
-    url: &str,
-    auth: Option<&str>,
+    t: &Target<'_>,
     quickack: bool,
     warmup: usize,
     n: usize,
 ) -> Result<Vec<f64>, String> {
+    let url = t.url;
     let mut req = url.into_client_request().map_err(|e| e.to_string())?;
-    if let Some(a) = auth {
+    if let Some(a) = t.auth {
         let v = HeaderValue::from_str(a).map_err(|e| format!("bad auth value: {e}"))?;
         req.headers_mut().insert("authorization", v);
     }
-    let host = req.uri().host().ok_or("URL without host")?.to_owned();
-    let port = req.uri().port_u16().unwrap_or(80);
-    let tcp = TcpStream::connect((host.as_str(), port))
+    for (name, value) in t.headers {
+        let name = tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|e| format!("bad header name: {e}"))?;
+        let v = HeaderValue::from_str(value).map_err(|e| format!("bad header value: {e}"))?;
+        req.headers_mut().insert(name, v);
+    }
+    let addr = match t.connect {
+        Some(a) => a.to_owned(),
+        None => {
+            let host = req.uri().host().ok_or("URL without host")?;
+            format!("{host}:{}", req.uri().port_u16().unwrap_or(80))
+        }
+    };
+    let tcp = TcpStream::connect(addr.as_str())
         .await
-        .map_err(|e| format!("connect {host}:{port}: {e}"))?;
+        .map_err(|e| format!("connect {addr}: {e}"))?;
     // Our own writes are never held back: the comparison is about the other side.
     tcp.set_nodelay(true).map_err(|e| e.to_string())?;
     let (mut ws, _) = tokio_tungstenite::client_async(req, Client { tcp, quickack })
@@ -240,8 +279,13 @@ async fn main() {
         for ((label, q), samples) in rows.iter_mut() {
             let url = &args.targets.iter().find(|(l, _)| l == label).map(|t| &t.1);
             let Some(url) = url else { continue };
-            let auth = args.auth.get(label).map(String::as_str);
-            match round(url, auth, *q, args.warmup, args.n).await {
+            let target = Target {
+                url,
+                auth: args.auth.get(label).map(String::as_str),
+                headers: args.headers.get(label).map_or(&[], Vec::as_slice),
+                connect: args.connect.get(label).map(String::as_str),
+            };
+            match round(&target, *q, args.warmup, args.n).await {
                 Ok(t) => {
                     let s = sorted(t.clone());
                     eprintln!(

@@ -6,6 +6,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use ipnet::IpNet;
+
+use kcloud_http::origin::UserOrigins;
 
 use kcloud_core::time::parse_duration;
 
@@ -71,6 +74,23 @@ pub struct Config {
     #[arg(long, env = "KCLOUD_INSECURE_COOKIES")]
     pub insecure_cookies: bool,
 
+    /// Where users' servers are served: an origin per user, never the portal's, so a
+    /// page a server serves cannot act with the API as whoever opens it. `{user}` is
+    /// the owner; `{port}` the port the request came in on. The cluster shape uses a
+    /// wildcard DNS name and certificate, e.g. `https://{user}.users.kcloud.example.org`.
+    #[arg(
+        long,
+        env = "KCLOUD_USER_ORIGIN",
+        default_value = "http://{user}.localhost:{port}",
+        value_parser = UserOrigins::parse
+    )]
+    pub user_origin: UserOrigins,
+
+    /// Reverse proxies (comma-separated addresses or CIDRs) whose `X-Forwarded-For`
+    /// and `X-Forwarded-Host` are believed; from anyone else those headers are ignored.
+    #[arg(long, env = "KCLOUD_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_net)]
+    pub trusted_proxies: Vec<IpNet>,
+
     /// Prometheus to read node CPU/memory and GPU history from (PromQL over its HTTP
     /// API); without it, node figures come from the agents' pushes.
     #[arg(long, env = "KCLOUD_PROMETHEUS_URL")]
@@ -115,6 +135,14 @@ pub struct Config {
     pub bootstrap_admin_password_file: Option<PathBuf>,
 }
 
+/// A CIDR, or one address (a /32 or /128).
+fn parse_net(s: &str) -> Result<IpNet, String> {
+    let s = s.trim();
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("{s:?} is neither an IP address nor a CIDR"))
+}
+
 /// The local shape's in-process agent (`--local-agent`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LocalAgent {
@@ -144,5 +172,30 @@ mod tests {
         assert_eq!(c.access_ttl, Duration::from_secs(900));
         assert_eq!(c.namespace, None);
         assert_eq!(c.kube_timeout, Duration::from_secs(15));
+        assert_eq!(
+            c.user_origin,
+            UserOrigins::parse("http://{user}.localhost:{port}").unwrap()
+        );
+        assert!(c.trusted_proxies.is_empty());
+    }
+
+    #[test]
+    fn trusted_proxies_take_addresses_and_cidrs() {
+        let c = Config::try_parse_from([
+            "kcloud-aggregator",
+            "--trusted-proxies",
+            "10.0.0.0/8, 192.0.2.7,::1",
+        ])
+        .unwrap();
+        let nets: Vec<String> = c.trusted_proxies.iter().map(|n| n.to_string()).collect();
+        assert_eq!(nets, ["10.0.0.0/8", "192.0.2.7/32", "::1/128"]);
+        assert!(
+            Config::try_parse_from(["kcloud-aggregator", "--trusted-proxies", "proxy.lan"])
+                .is_err()
+        );
+        assert!(
+            Config::try_parse_from(["kcloud-aggregator", "--user-origin", "http://localhost"])
+                .is_err()
+        );
     }
 }

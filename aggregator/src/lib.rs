@@ -208,6 +208,8 @@ pub async fn build_with(config: &Config, kube_client: Option<kube::Client>) -> R
         metrics: Arc::new(Metrics::new()),
         agent_token: agent_token.into(),
         secure_cookies: !config.insecure_cookies,
+        user_origins: Arc::new(config.user_origin.clone()),
+        trusted_proxies: config.trusted_proxies.clone().into(),
         prometheus,
         upstream: http_client(),
     };

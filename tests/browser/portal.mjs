@@ -131,7 +131,10 @@ try {
     card.getByRole('link', { name: 'Open lab' }).click(),
   ]);
   await lab.waitForLoadState('domcontentloaded');
-  check(lab.url().startsWith(`${base}/user/${user}/lab/`), `opened through the proxy: ${lab.url()}`);
+  // On the user's own origin, never the portal's, signed in there by a one-time code.
+  const portalUrl = new URL(base);
+  const userOrigin = `${portalUrl.protocol}//${user}.localhost:${portalUrl.port}`;
+  check(lab.url().startsWith(`${userOrigin}/user/${user}/lab/`), `opened on ${userOrigin}: ${lab.url()}`);
   await lab.locator('#jp-main-dock-panel, .jp-LabShell').first().waitFor({ timeout: LONG });
   await lab.locator('.jp-Launcher, .jp-DirListing').first().waitFor({ timeout: LONG });
   step += 1;

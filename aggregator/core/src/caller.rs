@@ -10,6 +10,9 @@ use crate::{Error, Result};
 pub struct Caller {
     pub name: String,
     pub role: Role,
+    /// The sign-in session (refresh-token family) the caller's token belongs to; ending
+    /// it ends the token. `None` for the platform itself.
+    pub session: Option<String>,
 }
 
 impl Caller {
@@ -18,6 +21,7 @@ impl Caller {
         Caller {
             name: "system".into(),
             role: Role::Admin,
+            session: None,
         }
     }
 

@@ -31,9 +31,9 @@ pub trait UserRepo: Send + Sync {
     }
     /// All users, by name.
     async fn users(&self) -> Result<Vec<User>>;
-    /// Applies `patch`; `None` if the user does not exist. Disabling a user or setting
-    /// a password revokes their refresh tokens in the same transaction. Leaving no
-    /// enabled admin (where there was one) is `Conflict`.
+    /// Applies `patch`; `None` if the user does not exist. Disabling a user, setting a
+    /// password or changing the role revokes all their sessions in the same
+    /// transaction. Leaving no enabled admin (where there was one) is `Conflict`.
     async fn update_user(&self, name: &str, patch: UserPatch) -> Result<Option<User>>;
     /// Deletes a user and their refresh tokens; `false` if absent. Deleting the last
     /// enabled admin is `Conflict`.
@@ -54,6 +54,9 @@ pub trait SessionRepo: Send + Sync {
     async fn revoke_family(&self, family: &str) -> Result<()>;
     /// Revokes all of a user's refresh tokens (idempotent).
     async fn revoke_user_tokens(&self, user: &str) -> Result<()>;
+    /// The user, if they exist and `family` is one of their sessions, not revoked:
+    /// what every request with a token checks.
+    async fn session_user(&self, name: &str, family: &str) -> Result<Option<UserRecord>>;
 }
 
 /// The audit log.

@@ -96,7 +96,7 @@ async fn events(
     headers: HeaderMap,
     method: Method,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let token = credential(&headers, &method)?.token;
+    let token = credential(&headers, &method, s.secure_cookies)?.token;
     let caller = s.auth.caller(&token).await?;
     let (tx, rx) = mpsc::channel(BUFFER);
     tokio::spawn(pump(s, caller, token, tx));

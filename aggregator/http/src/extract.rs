@@ -18,6 +18,17 @@ pub const REFRESH_COOKIE: &str = "kcloud_refresh";
 pub const CSRF_COOKIE: &str = "kcloud_csrf";
 pub const CSRF_HEADER: &str = "x-csrf-token";
 
+/// A portal cookie's name: `__Host-` prefixed when cookies are `Secure`, so that no
+/// other origin — a user's origin under the same parent domain included — can set
+/// ("toss") one with a `Domain` attribute that the portal would then believe.
+pub fn portal_cookie(secure: bool, base: &str) -> String {
+    if secure {
+        format!("__Host-{base}")
+    } else {
+        base.to_owned()
+    }
+}
+
 /// `Json` whose rejections use our error shape.
 pub struct ApiJson<T>(pub T);
 
@@ -56,18 +67,39 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
     }
 }
 
-/// The peer address (rate limiting, audit). Behind an ingress this is the ingress.
+/// The client's address (rate limiting, audit): the peer, or behind a trusted reverse
+/// proxy the address it forwarded for ([`crate::origin::client_addr`]).
 pub struct ClientAddr(pub std::net::IpAddr);
 
-impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
+impl FromRequestParts<AppState> for ClientAddr {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        let ip = parts
+    async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Self, Self::Rejection> {
+        let peer = parts
             .extensions
             .get::<axum::extract::ConnectInfo<crate::listener::Connection>>()
             .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0.addr.ip());
-        Ok(ClientAddr(ip))
+        Ok(ClientAddr(crate::origin::client_addr(
+            peer,
+            &parts.headers,
+            &s.trusted_proxies,
+        )))
+    }
+}
+
+/// The port the client addressed (a `{port}` user origin is on the same one).
+pub struct RequestPort(pub Option<u16>);
+
+impl FromRequestParts<AppState> for RequestPort {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Self, Self::Rejection> {
+        Ok(RequestPort(crate::origin::request_port(
+            &parts.headers,
+            &parts.uri,
+            &parts.extensions,
+            &s.trusted_proxies,
+        )))
     }
 }
 
@@ -89,7 +121,7 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Self, Self::Rejection> {
-        let token = credential(&parts.headers, &parts.method)?.token;
+        let token = credential(&parts.headers, &parts.method, s.secure_cookies)?.token;
         Ok(Caller(s.auth.caller(&token).await?))
     }
 }
@@ -123,24 +155,24 @@ pub fn bearer(headers: &HeaderMap) -> Result<Option<String>, Error> {
 
 /// The access token from the bearer header, else from the cookie with a CSRF check on
 /// unsafe methods.
-pub fn credential(headers: &HeaderMap, method: &Method) -> Result<Credential, Error> {
-    let via_cookie = cookie_credential(headers)?;
+pub fn credential(headers: &HeaderMap, method: &Method, secure: bool) -> Result<Credential, Error> {
+    let via_cookie = cookie_credential(headers, secure)?;
     if via_cookie.via_cookie {
-        check_csrf(headers, method)?;
+        check_csrf(headers, method, secure)?;
     }
     Ok(via_cookie)
 }
 
 /// The access token from the bearer header, else from the session cookie, without the
 /// CSRF check (the proxy checks `Origin` instead).
-pub fn cookie_credential(headers: &HeaderMap) -> Result<Credential, Error> {
+pub fn cookie_credential(headers: &HeaderMap, secure: bool) -> Result<Credential, Error> {
     if let Some(token) = bearer(headers)? {
         return Ok(Credential {
             token,
             via_cookie: false,
         });
     }
-    let token = cookie(headers, ACCESS_COOKIE)
+    let token = cookie(headers, &portal_cookie(secure, ACCESS_COOKIE))
         .ok_or_else(|| Error::Unauthorized("not signed in".into()))?;
     Ok(Credential {
         token,
@@ -150,11 +182,11 @@ pub fn cookie_credential(headers: &HeaderMap) -> Result<Credential, Error> {
 
 /// Double-submit CSRF check for cookie-authenticated writes: the `X-CSRF-Token` header
 /// must equal the CSRF cookie, which another site can neither read nor set.
-pub fn check_csrf(headers: &HeaderMap, method: &Method) -> Result<(), Error> {
+pub fn check_csrf(headers: &HeaderMap, method: &Method, secure: bool) -> Result<(), Error> {
     if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
         return Ok(());
     }
-    let cookie = cookie(headers, CSRF_COOKIE);
+    let cookie = cookie(headers, &portal_cookie(secure, CSRF_COOKIE));
     let header = headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok());
     match (cookie, header) {
         (Some(c), Some(h)) if !c.is_empty() && constant_time_eq(c.as_bytes(), h.as_bytes()) => {

@@ -16,6 +16,8 @@ pub mod extract;
 pub mod listener;
 /// The aggregator's Prometheus registry.
 pub mod metrics;
+/// Users' origins and the client behind trusted proxies.
+pub mod origin;
 /// The portal's embedded assets.
 pub mod portal;
 /// `/user/{user}/{server}/...`: the authenticated reverse proxy.
@@ -31,6 +33,7 @@ use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::{Json, Router};
+use ipnet::IpNet;
 use utoipa::openapi::OpenApi;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa_axum::router::OpenApiRouter;
@@ -48,6 +51,7 @@ use kcloud_service::volumes::Volumes;
 use crate::error::{ApiError, error_response};
 use crate::extract::ACCESS_COOKIE;
 use crate::metrics::Metrics;
+use crate::origin::UserOrigins;
 
 /// Largest request body accepted anywhere (inventories of big nodes included).
 pub const MAX_BODY: usize = 1 << 20;
@@ -70,6 +74,10 @@ pub struct AppState {
     pub prometheus: Option<Arc<Prometheus>>,
     /// The proxy's pooled client to servers.
     pub upstream: HttpClient,
+    /// Where users' servers are served (an origin per user).
+    pub user_origins: Arc<UserOrigins>,
+    /// Reverse proxies whose `X-Forwarded-For` (and `-Host`) are believed.
+    pub trusted_proxies: Arc<[IpNet]>,
 }
 
 /// The whole API and its OpenAPI description.
@@ -130,8 +138,31 @@ pub fn router(state: AppState) -> (Router, OpenApi) {
         })
         .layer(axum::middleware::from_fn_with_state(state.clone(), track))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), site))
         .with_state(state);
     (router, api)
+}
+
+/// Sends a request for a user's origin to the proxy, whatever its path: nothing of the
+/// portal or the API is served there.
+async fn site(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let trusted = origin::from_trusted_proxy(req.extensions(), &s.trusted_proxies);
+    let authority = origin::authority(req.headers(), req.uri(), trusted);
+    let Some((user, authority)) =
+        authority.and_then(|a| s.user_origins.user_of(&a).map(|u| (u, a)))
+    else {
+        return next.run(req).await;
+    };
+    let method = req.method().clone();
+    let started = Instant::now();
+    let resp = proxy::on_user_origin(&s, &user, &authority, req).await;
+    s.metrics.observe_request(
+        method.as_str(),
+        "user origin",
+        resp.status().as_u16(),
+        started.elapsed(),
+    );
+    resp
 }
 
 /// Counts and times every request by route template (never the raw path, whose user

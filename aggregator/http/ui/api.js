@@ -9,7 +9,7 @@ export class ApiError extends Error {
 }
 
 function csrf() {
-  const m = document.cookie.match(/(?:^|;\s*)kcloud_csrf=([^;]*)/);
+  const m = document.cookie.match(/(?:^|;\s*)(?:__Host-)?kcloud_csrf=([^;]*)/);
   return m ? m[1] : '';
 }
 

@@ -183,6 +183,28 @@ function progress(s) {
     PHASES.map((p, i) => h('li', { class: i < at ? 'done' : i === at ? 'now' : '' }, p)));
 }
 
+// Open: a server is served on its owner's origin, never the portal's. The owner's link
+// goes through the portal, which sends the browser there with a one-time code. An
+// admin opening someone else's server confirms first (audited): the API hands out the
+// one-time link only for that.
+function openControl(s, ctx) {
+  if (s.status !== 'running') return h('span', { class: 'button disabled', 'aria-disabled': 'true' }, 'Open');
+  if (s.owner === ctx.me.user.name) {
+    return h('a', { class: 'button primary', href: s.url, target: '_blank', rel: 'noopener noreferrer', 'aria-label': `Open ${s.name}` }, 'Open');
+  }
+  const open = async () => {
+    const ok = await confirmDialog(
+      `Open ${s.owner}/${s.name} as an admin? You will act inside another user's server; this is recorded in the audit log.`,
+      'Open as admin');
+    if (!ok) return;
+    try {
+      const { url } = await api('POST', `/api/v1/users/${enc(s.owner)}/servers/${enc(s.name)}/open`, { as_admin: true });
+      window.open(url, '_blank', 'noopener,noreferrer');
+    } catch (e) { toast(e.message, 'error'); }
+  };
+  return h('button', { type: 'button', class: 'primary', onclick: open, 'aria-label': `Open ${s.owner}/${s.name}` }, 'Open');
+}
+
 function serverCard(s, ctx, showOwner) {
   const logs = h('pre', { class: 'logs', hidden: true, tabindex: 0 });
   const events = h('ol', { class: 'events', hidden: true });
@@ -222,9 +244,7 @@ function serverCard(s, ctx, showOwner) {
       h('dt', {}, 'Age'), h('dd', {}, age(s.created_at_ms)),
       h('dt', {}, 'Last activity'), h('dd', {}, `${age(s.last_activity_ms)} ago`)),
     h('div', { class: 'row actions' },
-      s.status === 'running'
-        ? h('a', { class: 'button primary', href: s.url, target: '_blank', rel: 'noopener', 'aria-label': `Open ${s.name}` }, 'Open')
-        : h('span', { class: 'button disabled', 'aria-disabled': 'true' }, 'Open'),
+      openControl(s, ctx),
       h('button', { type: 'button', onclick: toggleLogs }, 'Logs'),
       h('button', { type: 'button', onclick: toggleEvents }, 'Events'),
       h('button', { type: 'button', class: 'danger', onclick: del, 'aria-label': `Delete ${s.name}` }, 'Delete')),

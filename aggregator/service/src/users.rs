@@ -161,6 +161,8 @@ impl Users {
             req.quota.is_some(),
             changed_password
         );
+        // The store ends the user's sessions in the same transaction when they are
+        // disabled, get a new password or another role.
         let user = self
             .repo
             .update_user(
@@ -174,10 +176,6 @@ impl Users {
             )
             .await?
             .ok_or_else(|| Error::NotFound(format!("no user {name:?}")))?;
-        if changed_password || req.disabled == Some(true) {
-            // Sessions of a disabled user, or issued under the old password, end now.
-            self.repo.revoke_user_tokens(name).await?;
-        }
         self.audit
             .record(caller, client, "user_update", name.to_owned(), detail)
             .await?;

@@ -1,12 +1,13 @@
 //! Refresh tokens in rotation families.
 
 use async_trait::async_trait;
-use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
+use rusqlite::{OptionalExtension, Transaction, TransactionBehavior, params};
 
 use kcloud_core::Error;
 use kcloud_core::repo::SessionRepo;
-use kcloud_core::user::{RefreshRow, RefreshUse};
+use kcloud_core::user::{RefreshRow, RefreshUse, UserRecord};
 
+use crate::users::{USER_SELECT, revoke_user_families, user_from_row};
 use crate::{Result, Store, now_ms, to_i64};
 
 /// Expired refresh tokens are kept this long past expiry before they are pruned, so
@@ -15,6 +16,24 @@ pub(crate) const REFRESH_PRUNE_GRACE_MS: u64 = 60 * 60 * 1000;
 
 #[async_trait]
 impl SessionRepo for Store {
+    async fn session_user(
+        &self,
+        name: &str,
+        family: &str,
+    ) -> kcloud_core::Result<Option<UserRecord>> {
+        let (name, family) = (name.to_owned(), family.to_owned());
+        self.call(move |conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "{USER_SELECT} WHERE name = ?1 AND EXISTS (SELECT 1 FROM refresh_families f
+                 WHERE f.id = ?2 AND f.user_name = ?1 AND f.revoked_at_ms IS NULL)"
+            ))?;
+            Ok(stmt
+                .query_row(params![name, family], user_from_row)
+                .optional()?)
+        })
+        .await
+    }
+
     /// Records an issued refresh token, creating its family on first use. Refused
     /// (`Unauthorized`) when the family is revoked or belongs to another user, so that
     /// a rotation racing a revocation cannot resurrect the family. Also prunes tokens
@@ -120,15 +139,6 @@ impl SessionRepo for Store {
         self.call(move |conn| revoke_user_families(conn, &user, to_i64(now_ms())?))
             .await
     }
-}
-
-pub(crate) fn revoke_user_families(conn: &Connection, user: &str, now: i64) -> Result<()> {
-    conn.execute(
-        "UPDATE refresh_families SET revoked_at_ms = ?2
-         WHERE user_name = ?1 AND revoked_at_ms IS NULL",
-        params![user, now],
-    )?;
-    Ok(())
 }
 
 fn prune_refresh(tx: &Transaction<'_>, now_ms: u64) -> Result<()> {

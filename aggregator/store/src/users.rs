@@ -8,7 +8,6 @@ use kcloud_core::repo::UserRepo;
 use kcloud_core::user::{NewUser, Quota, Role, User, UserPatch, UserRecord};
 use kcloud_core::validate::validate_user_name;
 
-use crate::sessions::revoke_user_families;
 use crate::{Result, Store, get_opt_u64, get_u64, now_ms, to_i64};
 
 #[async_trait]
@@ -120,7 +119,10 @@ impl UserRepo for Store {
             if was_enabled_admin && enabled_admins(&tx)? == 0 {
                 return Err(last_admin().into());
             }
-            if patch.disabled == Some(true) || patch.password_hash.is_some() {
+            // Sessions of a disabled user, issued under the old password, or carrying
+            // the old role end now.
+            let role_changed = patch.role.is_some_and(|r| r != before.user.role);
+            if patch.disabled == Some(true) || patch.password_hash.is_some() || role_changed {
                 revoke_user_families(&tx, &name, now)?;
             }
             let after = get_user(&tx, &name)?.map(|r| r.user);
@@ -156,7 +158,7 @@ impl UserRepo for Store {
     }
 }
 
-const USER_SELECT: &str = "SELECT name, role, disabled, quota_gpus, quota_servers, \
+pub(crate) const USER_SELECT: &str = "SELECT name, role, disabled, quota_gpus, quota_servers, \
     quota_cpu_millis, quota_memory_bytes, created_at_ms, password_hash, quota_storage_bytes \
     FROM users";
 
@@ -165,7 +167,7 @@ pub(crate) fn get_user(conn: &Connection, name: &str) -> Result<Option<UserRecor
     Ok(stmt.query_row(params![name], user_from_row).optional()?)
 }
 
-fn user_from_row(r: &Row<'_>) -> rusqlite::Result<UserRecord> {
+pub(crate) fn user_from_row(r: &Row<'_>) -> rusqlite::Result<UserRecord> {
     let role: String = r.get(1)?;
     let role = Role::parse(&role).ok_or_else(|| {
         rusqlite::Error::FromSqlConversionFailure(
@@ -231,4 +233,15 @@ pub(crate) fn enabled_admins(conn: &Connection) -> Result<u64> {
 
 fn last_admin() -> Error {
     Error::Conflict("cannot disable, demote or delete the last enabled admin".into())
+}
+
+/// Ends all of a user's sessions (their refresh-token families, and with them every
+/// token of those sessions).
+pub(crate) fn revoke_user_families(conn: &Connection, user: &str, now: i64) -> Result<()> {
+    conn.execute(
+        "UPDATE refresh_families SET revoked_at_ms = ?2
+         WHERE user_name = ?1 AND revoked_at_ms IS NULL",
+        params![user, now],
+    )?;
+    Ok(())
 }

@@ -237,7 +237,20 @@ async fn token_attacks_are_refused() {
                 .status
         }
     };
-    let claims = |sub: &str, role: &str, typ: &str, exp: u64| json!({"sub": sub, "role": role, "typ": typ, "iat": now_s() - 10, "exp": exp, "jti": "j1"});
+    use base64::Engine;
+    let b64 = |v: Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let payload_of = |token: &str| -> Value {
+        let payload = token.split('.').nth(1).unwrap();
+        serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload)
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    // Alice's live session: a token must belong to one.
+    let fam = payload_of(&alice)["fam"].as_str().unwrap().to_owned();
+    let claims = |sub: &str, role: &str, typ: &str, exp: u64| json!({"sub": sub, "role": role, "typ": typ, "iat": now_s() - 10, "exp": exp, "jti": "j1", "fam": fam});
 
     // A token we craft with the real key works: the refusals below are about the attack.
     assert_eq!(
@@ -248,9 +261,37 @@ async fn token_attacks_are_refused() {
         .await,
         StatusCode::OK
     );
-
-    use base64::Engine;
-    let b64 = |v: Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let mut no_session = claims("alice", "user", "access", now_s() + 300);
+    no_session.as_object_mut().unwrap().remove("fam");
+    assert_eq!(
+        me(craft(&key, no_session)).await,
+        StatusCode::UNAUTHORIZED,
+        "a token of no session"
+    );
+    let mut other_session = claims("alice", "user", "access", now_s() + 300);
+    other_session["fam"] = json!("made-up-session");
+    assert_eq!(
+        me(craft(&key, other_session)).await,
+        StatusCode::UNAUTHORIZED,
+        "a session that does not exist"
+    );
+    assert_eq!(
+        me(craft(
+            &key,
+            claims("admin", "admin", "access", now_s() + 300)
+        ))
+        .await,
+        StatusCode::UNAUTHORIZED,
+        "another user's session"
+    );
+    let mut proxy = claims("alice", "user", "proxy", now_s() + 300);
+    proxy["own"] = json!("alice");
+    proxy["srv"] = json!("lab");
+    assert_eq!(
+        me(craft(&key, proxy)).await,
+        StatusCode::UNAUTHORIZED,
+        "a server's cookie is no API token"
+    );
     let none = format!(
         "{}.{}.",
         b64(json!({"alg": "none", "typ": "JWT"})),
@@ -285,13 +326,7 @@ async fn token_attacks_are_refused() {
 
     // Tampered payload: alice's real token with sub=admin, signature kept.
     let parts: Vec<&str> = alice.split('.').collect();
-    let payload: Value = serde_json::from_slice(
-        &base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(parts[1])
-            .unwrap(),
-    )
-    .unwrap();
-    let mut forged = payload.clone();
+    let mut forged = payload_of(&alice);
     forged["sub"] = json!("admin");
     forged["role"] = json!("admin");
     let tampered = format!("{}.{}.{}", parts[0], b64(forged), parts[2]);
@@ -484,13 +519,19 @@ async fn browser_session_uses_httponly_cookies_and_csrf() {
             .cloned()
             .unwrap()
     };
-    let access = find("kcloud_access");
+    // Host-only (no Domain) and `__Host-` prefixed: no user origin can set one.
+    assert!(cookies.iter().all(|c| c.starts_with("__Host-kcloud_")
+        && c.contains("Path=/;")
+        && c.contains("Secure")
+        && !c.to_ascii_lowercase().contains("domain")));
+    let access = find("__Host-kcloud_access");
     assert!(
-        access.contains("HttpOnly") && access.contains("SameSite=Lax") && access.contains("Secure"),
+        access.contains("HttpOnly") && access.contains("SameSite=Lax"),
         "{access}"
     );
-    assert!(find("kcloud_refresh").contains("Path=/api/v1/auth"));
-    let csrf_cookie = find("kcloud_csrf");
+    let refresh = find("__Host-kcloud_refresh");
+    assert!(refresh.contains("HttpOnly") && refresh.contains("SameSite=Strict"));
+    let csrf_cookie = find("__Host-kcloud_csrf");
     assert!(!csrf_cookie.contains("HttpOnly"), "the page must read it");
     let value = |c: &str| {
         c.split(';')
@@ -502,10 +543,19 @@ async fn browser_session_uses_httponly_cookies_and_csrf() {
             .to_owned()
     };
     let cookie_header = format!(
-        "kcloud_access={}; kcloud_csrf={}",
+        "__Host-kcloud_access={}; __Host-kcloud_csrf={}",
         value(&access),
         value(&csrf_cookie)
     );
+    // A cookie without the prefix (one another origin could have set) is not a session.
+    let tossed = app
+        .client
+        .get(format!("{}/api/v1/me", app.base))
+        .header("cookie", format!("kcloud_access={}", value(&access)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(tossed.status(), StatusCode::UNAUTHORIZED);
 
     let get = app
         .client

@@ -310,8 +310,56 @@ impl TestApp {
         std::fs::read(self.data.join("signing.key")).expect("signing key")
     }
 
-    /// `ws://` for a path.
-    pub fn ws_url(&self, path: &str) -> String {
-        format!("{}{path}", self.base.replacen("http://", "ws://", 1))
+    /// `user`'s origin (`--user-origin` default `http://{user}.localhost:{port}`).
+    pub fn user_origin(&self, user: &str) -> String {
+        let port = self.addr.rsplit_once(':').expect("host:port").1;
+        format!("http://{user}.localhost:{port}")
+    }
+
+    /// A client that reaches these users' origins here (`*.localhost` is loopback, as
+    /// browsers resolve it), follows no redirects and keeps no cookies.
+    pub fn origin_client(&self, users: &[&str]) -> reqwest::Client {
+        let addr: std::net::SocketAddr = self.addr.parse().expect("socket address");
+        let mut b = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none());
+        for user in users {
+            b = b.resolve(&format!("{user}.localhost"), addr);
+        }
+        b.build().expect("client")
+    }
+
+    /// Opens `owner/server` as a browser would from the portal: a one-time link from
+    /// the API (`token`'s session), exchanged on the owner's origin for the server's
+    /// cookie. The `name=value` of that cookie.
+    pub async fn open_server(
+        &self,
+        token: &str,
+        owner: &str,
+        server: &str,
+        as_admin: bool,
+    ) -> String {
+        let path = format!("/api/v1/users/{owner}/servers/{server}/open");
+        let r = self
+            .call(
+                Method::POST,
+                &path,
+                Some(token),
+                Some(json!({"as_admin": as_admin})),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "open: {:?}", r.body);
+        let url = r.body["url"].as_str().expect("url").to_owned();
+        assert!(url.starts_with(&self.user_origin(owner)), "{url}");
+        let r = self
+            .origin_client(&[owner])
+            .get(&url)
+            .send()
+            .await
+            .expect("code exchange");
+        assert_eq!(r.status(), StatusCode::SEE_OTHER);
+        let set = r.headers()["set-cookie"]
+            .to_str()
+            .expect("cookie")
+            .to_owned();
+        set.split(';').next().expect("name=value").to_owned()
     }
 }

@@ -183,6 +183,7 @@ async fn cluster_volumes_are_pvcs() {
     let alice = Caller {
         name: "alice".into(),
         role: Role::User,
+        session: None,
     };
     let client_addr = std::net::IpAddr::from([127, 0, 0, 1]);
     let new = |name: &str, mode: Option<AccessMode>| NewVolume {

@@ -17,13 +17,13 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use kcloud_core::caller::Caller;
 
-use crate::app::{A_PW, B_PW, Resp, TestApp};
+use crate::app::{B_PW, Resp, TestApp};
 
 /// One JupyterLab at a time.
-static JUPYTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub(crate) static JUPYTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The aggregator with a simulated DGX A100 (4 whole GPUs, 4 in MIG mode).
-struct App(TestApp);
+pub(crate) struct App(TestApp);
 
 impl std::ops::Deref for App {
     type Target = TestApp;
@@ -34,7 +34,7 @@ impl std::ops::Deref for App {
 }
 
 impl App {
-    async fn start(data: &Path, extra: &[&str]) -> App {
+    pub(crate) async fn start(data: &Path, extra: &[&str]) -> App {
         App(TestApp::builder()
             .data_dir(data)
             .args([
@@ -57,7 +57,7 @@ impl App {
     }
 
     /// Free MIG instances, by UUID.
-    async fn free_migs(&self, token: &str) -> Vec<String> {
+    pub(crate) async fn free_migs(&self, token: &str) -> Vec<String> {
         self.available(token)
             .await
             .into_iter()
@@ -83,7 +83,13 @@ impl App {
             .collect()
     }
 
-    async fn wait_status(&self, token: &str, path: &str, want: &str, within: Duration) -> Value {
+    pub(crate) async fn wait_status(
+        &self,
+        token: &str,
+        path: &str,
+        want: &str,
+        within: Duration,
+    ) -> Value {
         let deadline = Instant::now() + within;
         loop {
             let r = self.call(Method::GET, path, Some(token), None).await;
@@ -121,30 +127,53 @@ fn assert_error(r: &Resp, status: StatusCode, needle: &str) {
 }
 
 /// A Jupyter kernel connection over the proxy (JSON text frames).
-struct Kernel {
+pub(crate) struct Kernel {
     ws: tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
     session: String,
 }
 
 impl Kernel {
     async fn open(app: &App, token: &str, kernel: &str) -> Kernel {
+        let base = app.base.replacen("http://", "ws://", 1);
+        Kernel::connect(
+            app,
+            &base,
+            kernel,
+            &[("authorization", format!("Bearer {token}"))],
+        )
+        .await
+        .expect("websocket through the proxy")
+    }
+
+    /// Connects to alice's `lab` kernel `kernel` at `ws_base` (`ws://host:port`, the
+    /// portal's or a user's origin; the connection goes to this aggregator either way)
+    /// with these request headers.
+    pub(crate) async fn connect(
+        app: &TestApp,
+        ws_base: &str,
+        kernel: &str,
+        headers: &[(&str, String)],
+    ) -> Result<Kernel, tungstenite::Error> {
         let session = uuid::Uuid::new_v4().to_string();
-        let url = app.ws_url(&format!(
-            "/user/alice/lab/api/kernels/{kernel}/channels?session_id={session}"
-        ));
-        let mut req = url.into_client_request().unwrap();
-        req.headers_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
-        let addr = app.base.trim_start_matches("http://");
-        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (ws, _) = tokio_tungstenite::client_async(req, tcp)
-            .await
-            .expect("websocket through the proxy");
-        Kernel { ws, session }
+        let url =
+            format!("{ws_base}/user/alice/lab/api/kernels/{kernel}/channels?session_id={session}");
+        let mut req = url.into_client_request()?;
+        for (name, value) in headers {
+            let name: http::HeaderName = name.parse().expect("header name");
+            req.headers_mut()
+                .insert(name, value.parse().expect("header value"));
+        }
+        let tcp = tokio::net::TcpStream::connect(&app.addr).await?;
+        let (ws, _) = tokio_tungstenite::client_async(req, tcp).await?;
+        Ok(Kernel { ws, session })
+    }
+
+    pub(crate) async fn close(mut self) {
+        self.ws.close(None).await.unwrap();
     }
 
     /// Runs `code`; returns its `text/plain` result.
-    async fn execute(&mut self, code: &str) -> String {
+    pub(crate) async fn execute(&mut self, code: &str) -> String {
         let msg_id = uuid::Uuid::new_v4().to_string();
         let msg = json!({
             "header": {"msg_id": msg_id, "username": "alice", "session": self.session,
@@ -184,17 +213,6 @@ impl Kernel {
             }
         }
     }
-}
-
-fn cookie_value(headers: &reqwest::header::HeaderMap, name: &str) -> String {
-    headers
-        .get_all("set-cookie")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find_map(|v| v.strip_prefix(&format!("{name}=")))
-        .and_then(|v| v.split(';').next())
-        .unwrap()
-        .to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -378,7 +396,7 @@ async fn a_real_jupyterlab_on_a_mig_instance_through_the_proxy() {
     }
     round_trips.sort_by(f64::total_cmp);
     let median_ms = round_trips[round_trips.len() / 2];
-    k.ws.close(None).await.unwrap();
+    k.close().await;
 
     // Bodies over the API's 1 MiB limit stream through, both ways.
     let big = "x".repeat(3 << 20);
@@ -403,51 +421,6 @@ async fn a_real_jupyterlab_on_a_mig_instance_through_the_proxy() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.bytes().await.unwrap().len(), 3 << 20);
-
-    // A browser: session cookie, JupyterLab's page without the server token, and
-    // cross-origin writes refused.
-    let login = app
-        .client
-        .post(format!("{}/api/v1/auth/login", app.base))
-        .json(&json!({"username": "alice", "password": A_PW}))
-        .send()
-        .await
-        .unwrap();
-    let cookies = format!(
-        "kcloud_access={}; kcloud_csrf={}",
-        cookie_value(login.headers(), "kcloud_access"),
-        cookie_value(login.headers(), "kcloud_csrf")
-    );
-    let page = app
-        .client
-        .get(format!("{}/user/alice/lab/lab", app.base))
-        .header("cookie", &cookies)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(page.status(), StatusCode::OK);
-    let html = page.text().await.unwrap();
-    assert!(
-        html.contains("\"token\": \"\""),
-        "page config token blanked"
-    );
-    assert!(!html.contains(&token), "server token reached the browser");
-    let post = |origin: String| {
-        app.client
-            .post(format!("{}/user/alice/lab/api/contents", app.base))
-            .header("cookie", &cookies)
-            .header("origin", origin)
-            .json(&json!({"type": "notebook"}))
-            .send()
-    };
-    let r = post("http://evil.example".into()).await.unwrap();
-    assert_eq!(r.status(), StatusCode::FORBIDDEN);
-    let r = post(app.base.clone()).await.unwrap();
-    assert_eq!(
-        r.status(),
-        StatusCode::CREATED,
-        "same-origin write through the cookie"
-    );
 
     // Logs and events, without the token.
     let r = app
@@ -635,7 +608,7 @@ async fn a_volume_outlives_the_jupyterlab_that_mounted_it() {
             .await,
         "19"
     );
-    k.ws.close(None).await.unwrap();
+    k.close().await;
     let got = app
         .client
         .get(format!("{files}/from-kernel.txt"))
@@ -742,23 +715,23 @@ async fn code_server_through_the_proxy() {
     )
     .await;
 
-    // Its page through the proxy: a relative redirect to the folder, then the
-    // workbench, whose scripts and styles load from under the same prefix.
-    let client = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    let get = |path: String, token: &str| {
+    // Its page through the proxy on alice's origin, signed in as a browser is: a
+    // relative redirect to the folder, then the workbench, whose scripts and styles
+    // load from under the same prefix.
+    let cookie = app.open_server(&alice, "alice", "vscode", false).await;
+    let client = app.origin_client(&["alice"]);
+    let origin = app.user_origin("alice");
+    let get = |path: String| {
         client
-            .get(format!("{}{path}", app.base))
-            .bearer_auth(token)
+            .get(format!("{origin}{path}"))
+            .header("cookie", &cookie)
             .send()
     };
-    let r = get("/user/alice/vscode/".into(), &alice).await.unwrap();
+    let r = get("/user/alice/vscode/".into()).await.unwrap();
     assert_eq!(r.status(), StatusCode::FOUND);
     let to = r.headers()["location"].to_str().unwrap().to_owned();
     assert!(to.starts_with("./?folder="), "{to}");
-    let r = get(format!("/user/alice/vscode/{}", &to[2..]), &alice)
+    let r = get(format!("/user/alice/vscode/{}", &to[2..]))
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
@@ -770,9 +743,7 @@ async fn code_server_through_the_proxy() {
         .find(|s| s.ends_with("workbench.js"))
         .unwrap_or_else(|| panic!("no workbench script in {html}"));
     assert!(!script.starts_with('/'), "relative asset URLs: {script}");
-    let r = get(format!("/user/alice/vscode/{script}"), &alice)
-        .await
-        .unwrap();
+    let r = get(format!("/user/alice/vscode/{script}")).await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert!(
         r.bytes().await.unwrap().len() > 10_000,
@@ -780,14 +751,21 @@ async fn code_server_through_the_proxy() {
     );
 
     // Its auth is the proxy's: no credentials, or another user, get nothing.
-    let r = client
-        .get(format!("{}/user/alice/vscode/", app.base))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
-    let r = get("/user/alice/vscode/".into(), &bob).await.unwrap();
-    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    for base in [&app.base, &origin] {
+        let r = client
+            .get(format!("{base}/user/alice/vscode/"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        let r = client
+            .get(format!("{base}/user/alice/vscode/"))
+            .bearer_auth(&bob)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    }
 
     let r = app
         .call(

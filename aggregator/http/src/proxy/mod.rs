@@ -1,17 +1,26 @@
 //! `/user/{user}/{server}/...`: the authenticated reverse proxy to a server.
 //!
-//! The caller signs in as for the API (bearer token or session cookie); only the owner
-//! and admins get through (others, and unknown servers, get 404). The proxy adds the
-//! server's own token (`Authorization: token ...`), which users never see, and removes
-//! kcloud's credentials (bearer header, `kcloud_*` cookies, CSRF header) from what it
-//! forwards, so a server never learns a visitor's session. HTTP bodies stream both
-//! ways; websockets are pumped frame by frame (text, binary, close), with TCP_NODELAY
-//! on the upstream side.
+//! A server's content is served on its owner's origin ([`crate::origin`]), to:
+//! - browsers, with the server's own cookie, which the owner's origin sets when the
+//!   browser brings a one-time code from the portal (`/_kcloud/session`): the cookie
+//!   is good on that origin only, for that server only, and only for proxying;
+//! - API clients, with `Authorization: Bearer`, there and on the portal's origin.
+//!
+//! On the portal's origin a browser (the session cookie) never gets a server's
+//! content: its owner is sent to the owner's origin with a fresh code; anyone else is
+//! refused (admins open other users' servers from the portal, an audited action).
+//!
+//! Only the owner and admins get through (others, and unknown servers, get 404). The
+//! proxy adds the server's own token (`Authorization: token ...`), which users never
+//! see, and removes kcloud's credentials (bearer header, `kcloud_*` cookies, CSRF
+//! header) from what it forwards, so a server never learns a visitor's session. HTTP
+//! bodies stream both ways; websockets are pumped frame by frame (text, binary,
+//! close), with TCP_NODELAY on the upstream side.
 //!
 //! CSRF: JupyterLab skips its own XSRF and origin checks for token-authenticated
 //! requests, and every proxied request is one. So for cookie-authenticated requests
 //! (browsers) the proxy refuses writes and websocket handshakes whose `Origin` is not
-//! this host.
+//! the owner's origin.
 
 mod socket;
 #[cfg(test)]
@@ -25,16 +34,22 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header}
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 
+use kcloud_core::caller::Caller;
 use kcloud_core::server::{ServerStatus, Upstream};
 use kcloud_core::{Error, now_ms};
 use kcloud_provision::upstream::HttpClient;
 
 use crate::AppState;
 use crate::error::ApiError;
-use crate::extract::{CSRF_HEADER, cookie_credential};
+use crate::extract::{CSRF_HEADER, bearer, cookie, cookie_credential};
 use crate::listener::Connection;
+use crate::origin;
 
-/// The proxy's routes; not part of the OpenAPI document (they are the server's own).
+/// Where a user's origin exchanges a code for a server's cookie.
+pub const SESSION_PATH: &str = "/_kcloud/session";
+
+/// The proxy's routes on the portal's origin; not part of the OpenAPI document (they
+/// are the server's own).
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/user/{user}/{server}", any(proxy))
@@ -43,27 +58,207 @@ pub fn routes() -> Router<AppState> {
 }
 
 async fn proxy(State(s): State<AppState>, req: Request) -> Response {
-    match handle(&s, req).await {
+    match on_portal_origin(&s, req).await {
         Ok(resp) => resp,
         Err(e) => ApiError(e).into_response(),
     }
 }
 
-async fn handle(s: &AppState, req: Request) -> Result<Response, Error> {
+/// A request for `/user/...` on the portal's origin.
+async fn on_portal_origin(s: &AppState, req: Request) -> Result<Response, Error> {
+    let (owner, name, _) =
+        split_path(req.uri().path()).ok_or_else(|| Error::NotFound("no such server".into()))?;
+    let (owner, name) = (owner.to_owned(), name.to_owned());
+    let credential = cookie_credential(req.headers(), s.secure_cookies)?;
+    let caller = s.auth.caller(&credential.token).await?;
+    if credential.via_cookie {
+        return open_on_owner_origin(s, &caller, &owner, &name, &req);
+    }
+    forward(s, &caller, &owner, &name, req).await
+}
+
+/// A browser that followed a link to a server on the portal's origin: its owner goes
+/// to the owner's origin with a fresh code; nobody else is let through here.
+fn open_on_owner_origin(
+    s: &AppState,
+    caller: &Caller,
+    owner: &str,
+    name: &str,
+    req: &Request,
+) -> Result<Response, Error> {
+    s.servers
+        .get(caller, owner, name)
+        .map_err(|_| Error::NotFound(format!("no server {owner}/{name}")))?;
+    if caller.name != owner {
+        return Err(Error::Forbidden(
+            "open other users' servers from the portal (an admin's access is confirmed \
+             and audited)"
+                .into(),
+        ));
+    }
+    // A page elsewhere must not sign the browser in to a server behind its back (in a
+    // frame, with an image): only a navigation the user made, or one from the portal.
+    let fetch_site = req
+        .headers()
+        .get("sec-fetch-site")
+        .and_then(|v| v.to_str().ok());
+    if fetch_site.is_some_and(|v| !matches!(v, "none" | "same-origin")) {
+        return Err(Error::Forbidden(
+            "open servers from the portal, not from another site".into(),
+        ));
+    }
+    let code = s.auth.open_code(caller, owner, name)?;
+    let next = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let url = session_url(s, owner, request_port(s, req), &code, next);
+    Ok((
+        StatusCode::SEE_OTHER,
+        [
+            (header::LOCATION, url),
+            (header::CACHE_CONTROL, "no-store".to_owned()),
+        ],
+    )
+        .into_response())
+}
+
+/// The port the request came in on (for a `{port}` user origin).
+fn request_port(s: &AppState, req: &Request) -> Option<u16> {
+    origin::request_port(
+        req.headers(),
+        req.uri(),
+        req.extensions(),
+        &s.trusted_proxies,
+    )
+}
+
+/// `{owner's origin}/_kcloud/session?code=...&next=...`.
+pub(crate) fn session_url(
+    s: &AppState,
+    owner: &str,
+    port: Option<u16>,
+    code: &str,
+    next: &str,
+) -> String {
+    format!(
+        "{}{SESSION_PATH}?code={code}&next={}",
+        s.user_origins.origin(owner, port),
+        percent_encode(next)
+    )
+}
+
+/// The cookie that carries one server's session on its owner's origin.
+pub(crate) fn server_cookie(s: &AppState, server: &str) -> String {
+    if s.user_origins.secure() {
+        format!("__Host-kcloud_srv_{server}")
+    } else {
+        format!("kcloud_srv_{server}")
+    }
+}
+
+/// A request on `user`'s origin: the code exchange, or `/user/{user}/...` with a
+/// bearer token or that server's cookie. Nothing else is served here.
+pub(crate) async fn on_user_origin(
+    s: &AppState,
+    user: &str,
+    authority: &str,
+    req: Request,
+) -> Response {
+    match user_origin(s, user, authority, req).await {
+        Ok(resp) => resp,
+        Err(e) => ApiError(e).into_response(),
+    }
+}
+
+async fn user_origin(
+    s: &AppState,
+    user: &str,
+    authority: &str,
+    req: Request,
+) -> Result<Response, Error> {
+    if req.uri().path() == SESSION_PATH {
+        return exchange(s, user, &req);
+    }
+    let (owner, name, _) = split_path(req.uri().path())
+        .filter(|(owner, _, _)| *owner == user)
+        .ok_or_else(|| Error::NotFound("nothing here: servers only".into()))?;
+    let (owner, name) = (owner.to_owned(), name.to_owned());
+    let (caller, via_cookie) = match bearer(req.headers())? {
+        Some(token) => (s.auth.caller(&token).await?, false),
+        None => {
+            let token = cookie(req.headers(), &server_cookie(s, &name)).ok_or_else(|| {
+                Error::Unauthorized("not signed in to this server: open it from the portal".into())
+            })?;
+            (s.auth.proxy_caller(&token, &owner, &name).await?, true)
+        }
+    };
+    if via_cookie {
+        let websocket = is_websocket(req.headers());
+        check_origin(req.headers(), authority, req.method(), websocket)?;
+    }
+    forward(s, &caller, &owner, &name, req).await
+}
+
+/// `GET /_kcloud/session?code=...&next=...` on the owner's origin: the code becomes the
+/// server's cookie here, and the browser goes on to `next` (inside that server).
+fn exchange(s: &AppState, user: &str, req: &Request) -> Result<Response, Error> {
+    if req.method() != Method::GET {
+        return Err(Error::BadRequest("use GET".into()));
+    }
+    let query = req.uri().query().unwrap_or("");
+    let param = |key: &str| {
+        query
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| percent_decode(v))
+    };
+    let code = param("code").ok_or_else(|| Error::BadRequest("no code".into()))?;
+    let (server, token) = s.auth.redeem(&code, user)?;
+    let home = format!("/user/{user}/{server}/");
+    // Only somewhere inside this server: never another origin or another server.
+    let next = param("next")
+        .filter(|n| n.starts_with(&home) && !n.contains(['\\', '\r', '\n']))
+        .unwrap_or(home);
+    let secure = if s.user_origins.secure() {
+        "; Secure"
+    } else {
+        ""
+    };
+    let max_age = s.auth.refresh_ttl().as_secs();
+    let cookie = format!(
+        "{}={token}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Lax{secure}",
+        server_cookie(s, &server)
+    );
+    let mut resp = (StatusCode::SEE_OTHER, [(header::LOCATION, next)]).into_response();
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&cookie) {
+        h.insert(header::SET_COOKIE, v);
+    }
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    // The code is spent, but it need not travel further in a Referer either.
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    Ok(resp)
+}
+
+/// Forwards a request `caller` may make to `owner/name`.
+async fn forward(
+    s: &AppState,
+    caller: &Caller,
+    owner: &str,
+    name: &str,
+    req: Request,
+) -> Result<Response, Error> {
     if let Some(ConnectInfo(conn)) = req.extensions().get::<ConnectInfo<Connection>>() {
         conn.nodelay();
     }
-    let (owner, name, rest) =
-        split_path(req.uri().path()).ok_or_else(|| Error::NotFound("no such server".into()))?;
-    let (owner, name) = (owner.to_owned(), name.to_owned());
     let not_found = || Error::NotFound(format!("no server {owner}/{name}"));
-    let credential = cookie_credential(req.headers())?;
-    let via_cookie = credential.via_cookie;
-    let caller = s.auth.caller(&credential.token).await?;
     let server = s
         .servers
-        .get(&caller, &owner, &name)
+        .get(caller, owner, name)
         .map_err(|_| not_found())?;
+    let (_, _, rest) = split_path(req.uri().path()).ok_or_else(not_found)?;
     if rest.is_none() {
         // JupyterLab lives under the base URL with its trailing slash.
         let mut to = format!("/user/{owner}/{name}/");
@@ -73,9 +268,6 @@ async fn handle(s: &AppState, req: Request) -> Result<Response, Error> {
         return Ok((StatusCode::PERMANENT_REDIRECT, [(header::LOCATION, to)]).into_response());
     }
     let websocket = is_websocket(req.headers());
-    if via_cookie {
-        check_origin(req.headers(), req.uri(), req.method(), websocket)?;
-    }
     let Some(upstream) = server.upstream else {
         return Err(Error::Unavailable(match server.status {
             ServerStatus::Pending => {
@@ -89,10 +281,10 @@ async fn handle(s: &AppState, req: Request) -> Result<Response, Error> {
             ServerStatus::Running => format!("server {owner}/{name} is not reachable"),
         }));
     };
-    s.servers.touch(&owner, &name, now_ms());
+    s.servers.touch(owner, name, now_ms());
     if websocket {
         let (mut parts, _) = req.into_parts();
-        websocket::websocket_proxy(s, &mut parts, upstream, owner, name).await
+        websocket::websocket_proxy(s, &mut parts, upstream, owner.to_owned(), name.to_owned()).await
     } else {
         http_proxy(&s.upstream, req, &upstream).await
     }
@@ -118,12 +310,11 @@ fn is_websocket(headers: &HeaderMap) -> bool {
 }
 
 /// Browsers send `Origin` on cross-origin writes and on every websocket handshake: for
-/// those, it must name this host (as the client addressed it: `Host`, the request's
-/// authority, or `X-Forwarded-Host` behind an ingress). No `Origin` is not a browser's
-/// cross-site request.
+/// those, it must be the origin the request addressed (`authority`). No `Origin` is not
+/// a browser's cross-site request.
 fn check_origin(
     headers: &HeaderMap,
-    uri: &axum::http::Uri,
+    authority: &str,
     method: &Method,
     websocket: bool,
 ) -> Result<(), Error> {
@@ -139,18 +330,49 @@ fn check_origin(
         .ok()
         .and_then(|o| o.split_once("://"))
         .map(|(_, h)| h.trim_end_matches('/'));
-    let header_str = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
-    let hosts = [
-        header_str(&header::HOST),
-        uri.authority().map(|a| a.as_str()),
-        header_str(&HeaderName::from_static("x-forwarded-host")),
-    ];
     match origin_host {
-        Some(o) if hosts.iter().flatten().any(|h| h.eq_ignore_ascii_case(o)) => Ok(()),
+        Some(o) if o.eq_ignore_ascii_case(authority) => Ok(()),
         _ => Err(Error::Forbidden(
             "cross-origin request to a server refused (Origin does not match this host)".into(),
         )),
     }
+}
+
+/// Percent-encodes everything but unreserved characters and `/`.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Decodes `%XX` (and `+` as a space); a malformed escape stays as it is.
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (b[i], hex) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+            (b'+', _) => out.push(b' '),
+            (c, _) => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Connection-specific headers (RFC 9110 §7.6.1) plus those the `Connection` header
@@ -181,8 +403,10 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// kcloud's own cookies (sessions, CSRF, servers' cookies): never a server's business.
 fn is_kcloud_cookie(name: &str) -> bool {
-    name.trim().starts_with("kcloud_")
+    let name = name.trim();
+    name.starts_with("kcloud_") || name.starts_with("__Host-kcloud_")
 }
 
 /// The request's cookies without kcloud's own.

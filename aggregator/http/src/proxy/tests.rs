@@ -45,7 +45,6 @@ async fn client_stream_sets_nodelay_only_when_asked() {
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::http::Uri;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::handshake::server::{
     Request as WsRequest, Response as WsResponse,
@@ -131,10 +130,22 @@ fn paths() {
 
 #[test]
 fn credentials_from_bearer_or_cookie() {
-    let c = cookie_credential(&headers(&[("authorization", "Bearer abc")])).unwrap();
-    assert_eq!((c.token.as_str(), c.via_cookie), ("abc", false));
-    let c = cookie_credential(&headers(&[("cookie", "_xsrf=1; kcloud_access=jwt; x=2")])).unwrap();
+    for secure in [false, true] {
+        let c = cookie_credential(&headers(&[("authorization", "Bearer abc")]), secure).unwrap();
+        assert_eq!((c.token.as_str(), c.via_cookie), ("abc", false));
+    }
+    let c = cookie_credential(
+        &headers(&[("cookie", "_xsrf=1; kcloud_access=jwt; x=2")]),
+        false,
+    )
+    .unwrap();
     assert_eq!((c.token.as_str(), c.via_cookie), ("jwt", true));
+    let c = cookie_credential(
+        &headers(&[("cookie", "kcloud_access=tossed; __Host-kcloud_access=jwt")]),
+        true,
+    )
+    .unwrap();
+    assert_eq!(c.token, "jwt", "only the __Host- cookie counts when Secure");
     for bad in [
         headers(&[("authorization", "token server-token")]),
         headers(&[("authorization", "Bearer ")]),
@@ -142,47 +153,41 @@ fn credentials_from_bearer_or_cookie() {
         HeaderMap::new(),
     ] {
         assert!(
-            matches!(cookie_credential(&bad), Err(Error::Unauthorized(_))),
+            matches!(cookie_credential(&bad, false), Err(Error::Unauthorized(_))),
             "{bad:?}"
         );
     }
+    // A cookie another origin could have set (no prefix) is no session when Secure.
+    assert!(cookie_credential(&headers(&[("cookie", "kcloud_access=jwt")]), true).is_err());
 }
 
 #[test]
 fn origin_is_checked_for_writes_and_websockets() {
-    let uri: Uri = "/user/a/s/api/kernels".parse().unwrap();
-    let same = headers(&[
-        ("host", "lab.example.org"),
-        ("origin", "https://lab.example.org"),
-    ]);
-    let other = headers(&[
-        ("host", "lab.example.org"),
-        ("origin", "https://evil.example"),
-    ]);
-    let null = headers(&[("host", "lab.example.org"), ("origin", "null")]);
-    let none = headers(&[("host", "lab.example.org")]);
-    let behind_ingress = headers(&[
-        ("host", "kcloud-aggregator:8080"),
-        ("x-forwarded-host", "lab.example.org"),
-        ("origin", "https://lab.example.org"),
-    ]);
+    let here = "alice.users.example.org";
+    let same = headers(&[("origin", "https://alice.users.example.org")]);
+    let other = headers(&[("origin", "https://evil.example")]);
+    let portal = headers(&[("origin", "https://example.org")]);
+    let sibling = headers(&[("origin", "https://bob.users.example.org")]);
+    let null = headers(&[("origin", "null")]);
+    let none = HeaderMap::new();
     assert!(
-        check_origin(&other, &uri, &Method::GET, false).is_ok(),
+        check_origin(&other, here, &Method::GET, false).is_ok(),
         "reads pass"
     );
     for m in [Method::POST, Method::PUT, Method::PATCH, Method::DELETE] {
-        assert!(check_origin(&same, &uri, &m, false).is_ok());
-        assert!(check_origin(&none, &uri, &m, false).is_ok());
-        assert!(check_origin(&behind_ingress, &uri, &m, false).is_ok());
-        assert!(matches!(
-            check_origin(&other, &uri, &m, false),
-            Err(Error::Forbidden(_))
-        ));
-        assert!(check_origin(&null, &uri, &m, false).is_err());
+        assert!(check_origin(&same, here, &m, false).is_ok());
+        assert!(check_origin(&none, here, &m, false).is_ok());
+        for refused in [&other, &portal, &sibling] {
+            assert!(matches!(
+                check_origin(refused, here, &m, false),
+                Err(Error::Forbidden(_))
+            ));
+        }
+        assert!(check_origin(&null, here, &m, false).is_err());
     }
-    assert!(check_origin(&same, &uri, &Method::GET, true).is_ok());
+    assert!(check_origin(&same, here, &Method::GET, true).is_ok());
     assert!(
-        check_origin(&other, &uri, &Method::GET, true).is_err(),
+        check_origin(&other, here, &Method::GET, true).is_err(),
         "websockets"
     );
 }

@@ -23,7 +23,7 @@ use kcloud_service::volumes::MountRequest;
 
 use crate::AppState;
 use crate::error::{ApiError, ErrorBody};
-use crate::extract::{ApiJson, ApiPath, ApiQuery, Caller, ClientAddr};
+use crate::extract::{ApiJson, ApiPath, ApiQuery, Caller, ClientAddr, RequestPort};
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -32,6 +32,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(get_server, delete_server, patch_server))
         .routes(routes!(server_logs))
         .routes(routes!(server_events))
+        .routes(routes!(open_server))
 }
 
 /// A server as the API shows it.
@@ -278,4 +279,48 @@ async fn server_events(
     ApiPath((user, name)): ApiPath<(String, String)>,
 ) -> Result<Json<Vec<ServerEvent>>, ApiError> {
     Ok(Json(s.servers.events(&caller, &user, &name).await?))
+}
+
+/// Opening a server in the browser.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OpenServer {
+    /// An admin opening another user's server confirms it (audited).
+    #[serde(default)]
+    pub as_admin: bool,
+}
+
+/// Where the browser opens the server: its owner's origin, with a one-time code.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Opened {
+    /// Navigate here (once, within `expires_in` seconds).
+    pub url: String,
+    pub expires_in: u64,
+}
+
+/// A one-time link that signs this browser in to the server on its owner's origin
+/// (never the portal's). Admins opening another user's server confirm with `as_admin`
+/// (audited).
+#[utoipa::path(post, path = "/api/v1/users/{user}/servers/{server}/open", tag = "servers",
+    params(("user" = String, Path), ("server" = String, Path)), request_body = OpenServer,
+    responses((status = 200, body = Opened), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 429, body = ErrorBody)),
+    security(("bearer" = []), ("cookie" = [])))]
+async fn open_server(
+    State(s): State<AppState>,
+    caller: Caller,
+    ClientAddr(client): ClientAddr,
+    RequestPort(port): RequestPort,
+    ApiPath((user, name)): ApiPath<(String, String)>,
+    ApiJson(open): ApiJson<OpenServer>,
+) -> Result<Json<Opened>, ApiError> {
+    s.servers
+        .open(&caller, client, &user, &name, open.as_admin)
+        .await?;
+    let code = s.auth.open_code(&caller, &user, &name)?;
+    let next = format!("/user/{user}/{name}/");
+    Ok(Json(Opened {
+        url: crate::proxy::session_url(&s, &user, port, &code, &next),
+        expires_in: kcloud_service::auth::OPEN_CODE_TTL.as_secs(),
+    }))
 }

@@ -20,6 +20,7 @@ use crate::AppState;
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{
     ACCESS_COOKIE, ApiJson, CSRF_COOKIE, Caller, ClientAddr, REFRESH_COOKIE, check_csrf, cookie,
+    portal_cookie,
 };
 
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -70,7 +71,7 @@ async fn refresh(
     method: Method,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let token = refresh_token(&headers, &method, &body?)?;
+    let token = refresh_token(&s, &headers, &method, &body?)?;
     let session = s.auth.refresh(&token, now_ms()).await?;
     Ok(with_session_cookies(&s, session))
 }
@@ -84,25 +85,27 @@ async fn logout(
     method: Method,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let token = refresh_token(&headers, &method, &body?)?;
+    let token = refresh_token(&s, &headers, &method, &body?)?;
     s.auth.logout(&token).await?;
     let mut resp = StatusCode::NO_CONTENT.into_response();
-    for name in [ACCESS_COOKIE, REFRESH_COOKIE, CSRF_COOKIE] {
-        let path = if name == REFRESH_COOKIE {
-            "/api/v1/auth"
-        } else {
-            "/"
-        };
+    let secure = if s.secure_cookies { "; Secure" } else { "" };
+    for base in [ACCESS_COOKIE, REFRESH_COOKIE, CSRF_COOKIE] {
+        let name = portal_cookie(s.secure_cookies, base);
         append_cookie(
             &mut resp,
-            &format!("{name}=; Path={path}; Max-Age=0; SameSite=Lax"),
+            &format!("{name}=; Path=/; Max-Age=0; SameSite=Lax{secure}"),
         );
     }
     Ok(resp)
 }
 
 /// The refresh token from an optional JSON body, else from the cookie (browsers).
-fn refresh_token(headers: &HeaderMap, method: &Method, body: &[u8]) -> Result<String, Error> {
+fn refresh_token(
+    s: &AppState,
+    headers: &HeaderMap,
+    method: &Method,
+    body: &[u8],
+) -> Result<String, Error> {
     if !body.iter().all(u8::is_ascii_whitespace) {
         let req: RefreshRequest = serde_json::from_slice(body)
             .map_err(|e| Error::BadRequest(format!("invalid JSON body: {e}")))?;
@@ -110,9 +113,9 @@ fn refresh_token(headers: &HeaderMap, method: &Method, body: &[u8]) -> Result<St
             return Ok(t);
         }
     }
-    let t = cookie(headers, REFRESH_COOKIE)
+    let t = cookie(headers, &portal_cookie(s.secure_cookies, REFRESH_COOKIE))
         .ok_or_else(|| Error::Unauthorized("no refresh token".into()))?;
-    check_csrf(headers, method)?;
+    check_csrf(headers, method, s.secure_cookies)?;
     Ok(t)
 }
 
@@ -122,24 +125,33 @@ fn append_cookie(resp: &mut Response, value: &str) {
     }
 }
 
-/// The JSON session plus three cookies: the access token (HttpOnly, every path, for
-/// the portal and the proxy), the refresh token (HttpOnly, only sent to /api/v1/auth),
-/// and a random CSRF token the page reads and echoes in `X-CSRF-Token`.
+/// The JSON session plus three host-only cookies of the portal's origin (no `Domain`,
+/// `__Host-` prefixed when `Secure`, so user origins can neither read nor set them):
+/// the access token (HttpOnly), the refresh token (HttpOnly, SameSite=Strict), and a
+/// random CSRF token the page reads and echoes in `X-CSRF-Token`.
 fn with_session_cookies(s: &AppState, session: Session) -> Response {
     let secure = if s.secure_cookies { "; Secure" } else { "" };
+    let name = |base| portal_cookie(s.secure_cookies, base);
     let access_age = session.expires_in;
     let refresh_age = s.auth.refresh_ttl().as_secs();
     let csrf = random_token();
+    // `__Host-` requires `Path=/`, so the refresh cookie is not path-scoped: HttpOnly
+    // and SameSite=Strict keep it, and the proxy never forwards kcloud's cookies.
     let cookies = [
         format!(
-            "{ACCESS_COOKIE}={}; Path=/; Max-Age={access_age}; HttpOnly; SameSite=Lax{secure}",
+            "{}={}; Path=/; Max-Age={access_age}; HttpOnly; SameSite=Lax{secure}",
+            name(ACCESS_COOKIE),
             session.access_token
         ),
         format!(
-            "{REFRESH_COOKIE}={}; Path=/api/v1/auth; Max-Age={refresh_age}; HttpOnly; SameSite=Strict{secure}",
+            "{}={}; Path=/; Max-Age={refresh_age}; HttpOnly; SameSite=Strict{secure}",
+            name(REFRESH_COOKIE),
             session.refresh_token
         ),
-        format!("{CSRF_COOKIE}={csrf}; Path=/; Max-Age={refresh_age}; SameSite=Strict{secure}"),
+        format!(
+            "{}={csrf}; Path=/; Max-Age={refresh_age}; SameSite=Strict{secure}",
+            name(CSRF_COOKIE)
+        ),
     ];
     let mut resp = Json(session).into_response();
     resp.headers_mut()

@@ -9,16 +9,18 @@ mod passwords;
 #[cfg(test)]
 mod tests;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 use kcloud_core::caller::Caller;
+use kcloud_core::private::random_token;
 use kcloud_core::repo::Repository;
 use kcloud_core::user::{AuditEntry, NewUser, Quota, RefreshRow, RefreshUse, Role, User};
 use kcloud_core::validate::validate_user_name;
@@ -49,6 +51,10 @@ const BAD_CREDENTIALS: &str = "invalid username or password";
 const SESSION_ENDED: &str = "session expired or revoked; sign in again";
 const INVALID_TOKEN: &str = "invalid token";
 const DEFAULT_ADMIN: &str = "admin";
+/// How long a code that opens a server on its owner's origin may wait to be used.
+pub const OPEN_CODE_TTL: Duration = Duration::from_secs(60);
+/// Unused codes kept at most (they expire within a minute).
+const MAX_OPEN_CODES: usize = 10_000;
 /// Every user name that fails validation shares one per-user bucket: such names cannot
 /// exist, and spraying them must not grow the limiter.
 const INVALID_NAME_KEY: &str = "\0invalid";
@@ -59,6 +65,8 @@ const INVALID_NAME_KEY: &str = "\0invalid";
 pub enum TokenType {
     Access,
     Refresh,
+    /// The cookie of one server on its owner's origin: proxying to that server only.
+    Proxy,
 }
 
 /// JWT claims. Times are seconds since the Unix epoch.
@@ -70,9 +78,15 @@ pub struct Claims {
     pub iat: u64,
     pub exp: u64,
     pub jti: String,
-    /// The rotation family; refresh tokens only.
+    /// The sign-in session (refresh-token family) the token belongs to: revoking it
+    /// ends every token of the session at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fam: Option<String>,
+    /// Proxy tokens: the server's owner and name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub own: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub srv: Option<String>,
 }
 
 /// Token lifetimes.
@@ -126,6 +140,18 @@ pub struct Auth {
     passwords: Arc<Passwords>,
     per_user: RateLimiter,
     per_client: RateLimiter,
+    /// Unused codes that open a server on its owner's origin.
+    codes: Mutex<HashMap<String, OpenCode>>,
+}
+
+/// What a code opens, for whom.
+struct OpenCode {
+    user: String,
+    role: Role,
+    session: String,
+    owner: String,
+    server: String,
+    expires_ms: u64,
 }
 
 impl fmt::Debug for Auth {
@@ -172,6 +198,7 @@ impl Auth {
                 LOGIN_PER_CLIENT_REFILL,
                 RATE_LIMIT_MAX_KEYS,
             ),
+            codes: Mutex::default(),
         }
     }
 
@@ -328,8 +355,8 @@ impl Auth {
             .await
     }
 
-    /// Checks an access token against the wall clock. Stateless: a disabled or
-    /// demoted user's token stays valid until it expires (at most the access TTL).
+    /// Checks an access token's signature, type and expiry against the wall clock. Its
+    /// session is checked by [`Auth::caller`], which every request uses.
     pub fn verify_access(&self, token: &str) -> Result<Claims> {
         self.verify_access_at(token, now_ms())
     }
@@ -339,20 +366,98 @@ impl Auth {
         self.decode(token, TokenType::Access, Some(now_ms))
     }
 
-    /// The user an access token stands for, if they still exist and are enabled:
-    /// disabling takes effect at once, not at token expiry.
+    /// The user an access token stands for, if they still exist, are enabled and the
+    /// token's session is not revoked: logout, disabling, a new password or role take
+    /// effect at once, not at token expiry.
     pub async fn caller(&self, token: &str) -> Result<Caller> {
         let claims = self.verify_access(token)?;
+        self.session_caller(claims).await
+    }
+
+    async fn session_caller(&self, claims: Claims) -> Result<Caller> {
+        let family = claims.fam.unwrap_or_default();
         let user = self
             .repo
-            .user(&claims.sub)
+            .session_user(&claims.sub, &family)
             .await?
             .filter(|u| !u.user.disabled)
-            .ok_or_else(|| Error::Unauthorized("account disabled or removed".into()))?;
+            .ok_or_else(|| Error::Unauthorized(SESSION_ENDED.into()))?;
         Ok(Caller {
             name: user.user.name,
             role: user.user.role,
+            session: Some(family),
         })
+    }
+
+    /// A one-time code (single use, valid [`OPEN_CODE_TTL`]) that lets `caller`'s
+    /// browser sign in to `owner/server` on the owner's origin.
+    pub fn open_code(&self, caller: &Caller, owner: &str, server: &str) -> Result<String> {
+        let session = caller
+            .session
+            .clone()
+            .ok_or_else(|| Error::Forbidden("only a signed-in session can open a server".into()))?;
+        let code = random_token();
+        let now = now_ms();
+        let mut codes = self.codes.lock().unwrap_or_else(PoisonError::into_inner);
+        codes.retain(|_, c| c.expires_ms > now);
+        if codes.len() >= MAX_OPEN_CODES {
+            return Err(Error::RateLimited {
+                retry_after_secs: OPEN_CODE_TTL.as_secs(),
+            });
+        }
+        codes.insert(
+            code.clone(),
+            OpenCode {
+                user: caller.name.clone(),
+                role: caller.role,
+                session,
+                owner: owner.to_owned(),
+                server: server.to_owned(),
+                expires_ms: now + OPEN_CODE_TTL.as_millis() as u64,
+            },
+        );
+        Ok(code)
+    }
+
+    /// Redeems a code on `owner`'s origin: the server it opens and the cookie value
+    /// for it. A code is good once, before it expires, on its owner's origin only.
+    pub fn redeem(&self, code: &str, owner: &str) -> Result<(String, String)> {
+        let refused = || {
+            Error::Unauthorized(
+                "this link has been used or has expired; open the server again".into(),
+            )
+        };
+        let c = self
+            .codes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(code)
+            .ok_or_else(refused)?;
+        if c.expires_ms <= now_ms() || c.owner != owner {
+            return Err(refused());
+        }
+        let iat = now_ms() / 1000;
+        let token = self.sign(&Claims {
+            sub: c.user,
+            role: c.role,
+            typ: TokenType::Proxy,
+            iat,
+            exp: iat + self.config.refresh_ttl.as_secs().max(1),
+            jti: uuid::Uuid::new_v4().to_string(),
+            fam: Some(c.session),
+            own: Some(c.owner),
+            srv: Some(c.server.clone()),
+        })?;
+        Ok((c.server, token))
+    }
+
+    /// Who a server cookie stands for, on `owner/server` only, while its session lasts.
+    pub async fn proxy_caller(&self, token: &str, owner: &str, server: &str) -> Result<Caller> {
+        let claims = self.decode(token, TokenType::Proxy, Some(now_ms()))?;
+        if claims.own.as_deref() != Some(owner) || claims.srv.as_deref() != Some(server) {
+            return Err(Error::Unauthorized(INVALID_TOKEN.into()));
+        }
+        self.session_caller(claims).await
     }
 
     /// Creates the first admin. With a password (value or file, one trailing newline
@@ -462,13 +567,14 @@ impl Auth {
             iat,
             exp: iat + access_secs,
             jti: uuid::Uuid::new_v4().to_string(),
-            fam: None,
+            fam: Some(family.clone()),
+            own: None,
+            srv: None,
         };
         let refresh = Claims {
             typ: TokenType::Refresh,
             exp: iat + refresh_secs,
             jti: uuid::Uuid::new_v4().to_string(),
-            fam: Some(family.clone()),
             ..access.clone()
         };
         self.repo
@@ -505,7 +611,13 @@ impl Auth {
         let claims = jsonwebtoken::decode::<Claims>(token, &self.key.decoding, &self.validation)
             .map_err(|_| invalid())?
             .claims;
-        if claims.typ != want || (want == TokenType::Refresh) != claims.fam.is_some() {
+        let scoped = claims.own.is_some() && claims.srv.is_some();
+        let unscoped = claims.own.is_none() && claims.srv.is_none();
+        let shape = match want {
+            TokenType::Proxy => scoped,
+            TokenType::Access | TokenType::Refresh => unscoped,
+        };
+        if claims.typ != want || claims.fam.is_none() || !shape {
             return Err(invalid());
         }
         if let Some(now_ms) = now_ms

@@ -116,7 +116,10 @@ async fn login_issues_working_tokens() {
     assert_eq!(c.role, Role::User);
     assert_eq!(c.typ, TokenType::Access);
     assert_eq!(c.exp, c.iat + 900);
-    assert!(c.fam.is_none());
+    // The access token belongs to the session (the refresh token's family).
+    let refresh: Claims = serde_json::from_value(payload(&s.refresh_token)).unwrap();
+    assert!(c.fam.is_some());
+    assert_eq!(c.fam, refresh.fam);
     // The wall-clock variant agrees.
     f.auth.verify_access(&s.access_token).unwrap();
     let debug = format!("{s:?}");
@@ -327,12 +330,16 @@ async fn token_types_cannot_stand_in_for_each_other() {
     );
     unauthorized(f.auth.refresh(&s.access_token, f.now).await);
     unauthorized(f.auth.logout(&s.access_token).await);
-    // A hand-signed access token that claims a family is still not a refresh token.
+    // A hand-signed access token of a session that does not exist is nobody.
     let mut c: Claims = serde_json::from_value(payload(&s.access_token)).unwrap();
     c.fam = Some("f".into());
     let t = f.auth.sign(&c).unwrap();
-    unauthorized(f.auth.verify_access_at(&t, f.now));
+    unauthorized(f.auth.caller(&t).await);
     unauthorized(f.auth.refresh(&t, f.now).await);
+    // Nor is one of no session at all.
+    c.fam = None;
+    let t = f.auth.sign(&c).unwrap();
+    unauthorized(f.auth.verify_access_at(&t, f.now));
     // The session still works after these attempts.
     f.auth.refresh(&s.refresh_token, f.now).await.unwrap();
 }
@@ -424,7 +431,7 @@ async fn disabled_or_deleted_users_cannot_refresh() {
 }
 
 #[tokio::test]
-async fn refresh_picks_up_role_changes() {
+async fn a_role_change_ends_sessions_and_the_next_one_has_the_role() {
     let f = fixture().await;
     let s = f.auth.login("alice", ALICE_PW, LOCAL, f.now).await.unwrap();
     f.auth
@@ -438,7 +445,10 @@ async fn refresh_picks_up_role_changes() {
         )
         .await
         .unwrap();
-    let s = f.auth.refresh(&s.refresh_token, f.now).await.unwrap();
+    // Tokens carry the role: the old session ends rather than keep the old one.
+    unauthorized(f.auth.refresh(&s.refresh_token, f.now).await);
+    unauthorized(f.auth.caller(&s.access_token).await);
+    let s = f.auth.login("alice", ALICE_PW, LOCAL, f.now).await.unwrap();
     let c = f.auth.verify_access_at(&s.access_token, f.now).unwrap();
     assert_eq!(c.role, Role::Admin);
 }
@@ -607,6 +617,8 @@ fn signing_key_is_generated_private_and_stable() {
         exp: u64::MAX / 2,
         jti: "j".into(),
         fam: None,
+        own: None,
+        srv: None,
     };
     let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &k1.encoding).unwrap();
     let v = Validation::new(Algorithm::HS256);
@@ -786,4 +798,41 @@ async fn bootstrap_config_errors() {
         .unwrap_err();
     assert!(matches!(err, Error::Io { .. }), "{err:?}");
     assert!(auth.repo().users().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn open_codes_are_single_use_and_bound_to_owner_and_server() {
+    let f = fixture().await;
+    let s = f
+        .auth
+        .login("alice", ALICE_PW, LOCAL, now_ms())
+        .await
+        .unwrap();
+    let alice = f.auth.caller(&s.access_token).await.unwrap();
+    assert!(alice.session.is_some());
+
+    // Redeemed on its owner's origin: the server and a token for it alone.
+    let code = f.auth.open_code(&alice, "alice", "lab").unwrap();
+    let (server, token) = f.auth.redeem(&code, "alice").unwrap();
+    assert_eq!(server, "lab");
+    let c = f.auth.proxy_caller(&token, "alice", "lab").await.unwrap();
+    assert_eq!(c.name, "alice");
+    unauthorized(f.auth.proxy_caller(&token, "alice", "other").await);
+    unauthorized(f.auth.proxy_caller(&token, "bob", "lab").await);
+    // Good once.
+    unauthorized(f.auth.redeem(&code, "alice"));
+    // Not an API token, and an API token is not a server's cookie.
+    unauthorized(f.auth.caller(&token).await);
+    unauthorized(f.auth.proxy_caller(&s.access_token, "alice", "lab").await);
+    // On another user's origin the code is refused, and spent.
+    let code = f.auth.open_code(&alice, "alice", "lab").unwrap();
+    unauthorized(f.auth.redeem(&code, "bob"));
+    unauthorized(f.auth.redeem(&code, "alice"));
+    unauthorized(f.auth.redeem("made-up", "alice"));
+    // The platform itself has no session to bind a code to.
+    assert!(f.auth.open_code(&Caller::system(), "alice", "lab").is_err());
+
+    // The server's token ends with its session.
+    f.auth.logout(&s.refresh_token).await.unwrap();
+    unauthorized(f.auth.proxy_caller(&token, "alice", "lab").await);
 }

@@ -412,6 +412,38 @@ impl Servers {
         Ok(true)
     }
 
+    /// Lets `caller` open a server in the browser: the owner, or an admin who confirmed
+    /// (`as_admin`), which is audited. Another user's server (or none) is 404.
+    pub async fn open(
+        &self,
+        caller: &Caller,
+        client: IpAddr,
+        user: &str,
+        name: &str,
+        as_admin: bool,
+    ) -> Result<Server> {
+        let server = self.get(caller, user, name)?;
+        if caller.name != user {
+            if !as_admin {
+                return Err(Error::Forbidden(
+                    "this is another user's server: confirm that you open it as an admin \
+                     (as_admin), which is audited"
+                        .into(),
+                ));
+            }
+            self.audit
+                .record(
+                    caller,
+                    client,
+                    "server_open_as_admin",
+                    format!("{user}/{name}"),
+                    String::new(),
+                )
+                .await?;
+        }
+        Ok(server)
+    }
+
     /// Exempts a server from idle culling, or ends that (admins only).
     pub async fn set_cull_exempt(
         &self,

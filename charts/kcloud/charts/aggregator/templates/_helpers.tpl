@@ -139,6 +139,16 @@ no fixed default anywhere. Called with (dict "ctx" . "name" NAME "key" KEY "leng
 {{- fail (printf "settings.presets.%s: cpu_millis must be > 0 and memory_bytes >= 64 MiB (67108864)" $name) -}}
 {{- end -}}
 {{- end -}}
+{{- with .Values.userOrigins.pattern -}}
+{{- if not (regexMatch "^https?://\\{user\\}\\.[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?(:([0-9]+|\\{port\\}))?/?$" .) -}}
+{{- fail (printf "userOrigins.pattern %q: http(s)://{user}.<host>[:port], e.g. https://{user}.users.kcloud.example.org" .) -}}
+{{- end -}}
+{{- end -}}
+{{- range $i, $p := .Values.trustedProxies -}}
+{{- if not (regexMatch "^[0-9A-Fa-f.:]+(/[0-9]{1,3})?$" $p) -}}
+{{- fail (printf "trustedProxies[%d] %q: an IP address or CIDR" $i $p) -}}
+{{- end -}}
+{{- end -}}
 {{- range $i, $s := .Values.nfsShares -}}
 {{- if not (and $s.name $s.server $s.path) -}}
 {{- fail (printf "nfsShares[%d]: name, server and path are required" $i) -}}
@@ -153,4 +163,10 @@ no fixed default anywhere. Called with (dict "ctx" . "name" NAME "key" KEY "leng
 {{- fail (printf "nfsShares[%d].name %q: at most 57 characters (the pod volume is share-<name>)" $i $s.name) -}}
 {{- end -}}
 {{- end -}}
+{{- end -}}
+
+{{/* The wildcard host of users' origins ("*.users.example.org"), from the pattern. */}}
+{{- define "kcloud-aggregator.userHost" -}}
+{{- $rest := .Values.userOrigins.pattern | trimPrefix "https://" | trimPrefix "http://" | trimPrefix "{user}." | trimSuffix "/" -}}
+{{- printf "*.%s" (first (splitList ":" $rest)) -}}
 {{- end -}}
