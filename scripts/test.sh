@@ -14,6 +14,11 @@ command -v promtool >/dev/null || need_apt+=(prometheus)
 command -v chromium >/dev/null || need_apt+=(chromium)
 command -v node >/dev/null || need_apt+=(nodejs)
 command -v npm >/dev/null || need_apt+=(npm)
+# The local sandbox: bubblewrap and setpriv (util-linux); the sandbox tests' servers
+# run the system's python3 (a pyenv shim is outside their sandbox).
+command -v bwrap >/dev/null || need_apt+=(bubblewrap)
+command -v setpriv >/dev/null || need_apt+=(util-linux)
+[ -x /usr/bin/python3 ] || need_apt+=(python3)
 if ((${#need_apt[@]})); then
   echo "==> installing: ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive

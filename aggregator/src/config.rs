@@ -109,6 +109,14 @@ pub struct Config {
     #[arg(long, env = "KCLOUD_JUPYTER_COMMAND")]
     pub jupyter_command: Option<PathBuf>,
 
+    /// Local provisioner: how servers are confined. `sandbox`: each as an unprivileged
+    /// uid of its owner, in a bubblewrap sandbox and a cgroup of its own (needs root,
+    /// `bwrap`, `setpriv` and a writable cgroup v2 subtree; refused at start without
+    /// them). `none`: as this process's user, unconfined, for machines whose users
+    /// trust each other.
+    #[arg(long, env = "KCLOUD_ISOLATION", value_enum, default_value = "sandbox")]
+    pub isolation: Isolation,
+
     /// Local provisioner: how long a deleted server gets between SIGTERM and SIGKILL.
     #[arg(long, env = "KCLOUD_STOP_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub stop_grace: Duration,
@@ -143,6 +151,13 @@ fn parse_net(s: &str) -> Result<IpNet, String> {
         .map_err(|_| format!("{s:?} is neither an IP address nor a CIDR"))
 }
 
+/// `--isolation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Isolation {
+    Sandbox,
+    None,
+}
+
 /// The local shape's in-process agent (`--local-agent`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LocalAgent {
@@ -172,6 +187,7 @@ mod tests {
         assert_eq!(c.access_ttl, Duration::from_secs(900));
         assert_eq!(c.namespace, None);
         assert_eq!(c.kube_timeout, Duration::from_secs(15));
+        assert_eq!(c.isolation, Isolation::Sandbox);
         assert_eq!(
             c.user_origin,
             UserOrigins::parse("http://{user}.localhost:{port}").unwrap()

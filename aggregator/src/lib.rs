@@ -26,6 +26,7 @@ use kcloud_http::AppState;
 use kcloud_http::metrics::Metrics;
 use kcloud_provision::Provisioner;
 use kcloud_provision::kube::{KubeOptions, KubeProvisioner};
+use kcloud_provision::local::isolation::IsolationLevel;
 use kcloud_provision::local::{LocalOptions, LocalProvisioner};
 use kcloud_provision::upstream::http_client;
 use kcloud_provision::volumes::VolumeBackend;
@@ -40,7 +41,7 @@ use kcloud_service::users::Users;
 use kcloud_service::volumes::Volumes;
 use kcloud_store::Store;
 
-use crate::config::{Config, LocalAgent, ProvisionerKind};
+use crate::config::{Config, Isolation, LocalAgent, ProvisionerKind};
 
 /// The assembled aggregator: shared state, the HTTP router, and what `serve` needs.
 pub struct App {
@@ -110,18 +111,34 @@ pub async fn build_with(config: &Config, kube_client: Option<kube::Client>) -> R
     let exits = ReleaseOnExit::new(cluster.clone());
     let (backend, provisioner): (Box<dyn VolumeBackend>, Arc<dyn Provisioner>) =
         match config.provisioner {
-            ProvisionerKind::Local => (
-                Box::new(DirVolumes::new(data_dir)?),
-                Arc::new(LocalProvisioner::new(
+            ProvisionerKind::Local => {
+                let isolation = match config.isolation {
+                    Isolation::Sandbox => IsolationLevel::Sandbox,
+                    Isolation::None => {
+                        // The console, not only the log: whoever started it must see it.
+                        println!(
+                            "\n  kcloud: --isolation none: servers run as this process's user, \
+                             unconfined.\n  Any user's server can read the platform's secrets \
+                             and other users' files.\n  Use it only where the machine's users \
+                             trust each other.\n"
+                        );
+                        tracing::warn!("--isolation none: local servers are not isolated");
+                        IsolationLevel::None
+                    }
+                };
+                let provisioner = LocalProvisioner::new(
                     Arc::new(store.clone()),
                     exits,
                     LocalOptions {
                         jupyter: config.jupyter_command.clone(),
                         stop_grace: config.stop_grace,
+                        isolation,
+                        settings: settings.local.clone(),
                         ..LocalOptions::new(data_dir)
                     },
-                )),
-            ),
+                )?;
+                (Box::new(DirVolumes::new(data_dir)?), Arc::new(provisioner))
+            }
             ProvisionerKind::Kubernetes => {
                 let Some(client) = kube_client else {
                     return Err(Error::Internal("no Kubernetes client".into()));

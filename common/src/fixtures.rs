@@ -17,6 +17,7 @@ pub fn gpu(index: u32, uuid: &str, model: &str) -> Gpu {
         uuid: uuid.into(),
         model: model.into(),
         pci_bus_id: format!("00000000:{index:02X}:00.0"),
+        minor_number: Some(index),
         lost: false,
         memory: Some(MemoryInfo {
             total_bytes: 80 << 30,

@@ -95,13 +95,17 @@ pub struct MigMode {
 /// One physical GPU. Optional fields are absent when NVML reports them as not supported.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Gpu {
-    /// NVML index (`nvidia<N>` for the device node, `gpu` label in metrics).
+    /// NVML index (the `gpu` label in metrics).
     pub index: u32,
     pub uuid: String,
     /// Product name, e.g. `NVIDIA A100-SXM4-80GB`.
     pub model: String,
     #[serde(default)]
     pub pci_bus_id: String,
+    /// The driver's minor number: the device file is `/dev/nvidia{minor_number}`, and
+    /// MIG capabilities are named after it (not always equal to `index`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minor_number: Option<u32>,
     /// The GPU fell off the bus or stopped answering: shown, never allocatable.
     #[serde(default)]
     pub lost: bool,
@@ -184,6 +188,7 @@ mod tests {
             uuid: uuid.into(),
             model: "NVIDIA A100-SXM4-80GB".into(),
             pci_bus_id: String::new(),
+            minor_number: None,
             lost: false,
             memory: None,
             utilization_gpu_percent: None,

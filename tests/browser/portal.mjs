@@ -72,6 +72,8 @@ try {
   await form.getByLabel('Password').fill(userPass);
   await form.getByRole('button', { name: 'Create user' }).click();
   await page.locator(`tr[data-user="${user}"]`).waitFor();
+  // The admin page says how servers are isolated (the sandbox in this walk).
+  await page.locator('section.isolation[data-mode="sandbox"]', { hasText: 'memory' }).waitFor();
   await shot('admin-users');
   await page.getByRole('button', { name: 'Sign out' }).click();
   await page.getByRole('heading', { name: 'Sign in to kcloud' }).waitFor();

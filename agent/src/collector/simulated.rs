@@ -213,6 +213,7 @@ impl SimulatedSource {
                 uuid,
                 model: g.model.clone(),
                 pci_bus_id: format!("00000000:{bus:02X}:00.0"),
+                minor_number: Some(i as u32),
                 lost: false,
                 memory: Some(MemoryInfo {
                     total_bytes: total,

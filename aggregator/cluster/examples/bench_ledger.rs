@@ -143,6 +143,7 @@ fn dgx_a100_mig(n: u32, now_ms: u64) -> NodeInventory {
                     "00000000:{:02X}:00.0",
                     [7, 15, 71, 78, 135, 144, 183, 189][i as usize]
                 ),
+                minor_number: Some(i),
                 lost: false,
                 memory: mem(81920 * mib),
                 utilization_gpu_percent: (!mig).then_some(37),

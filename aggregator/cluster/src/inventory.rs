@@ -31,7 +31,7 @@ use kcloud_common::inventory::{DeviceKind, Gpu, HostInfo, MemoryInfo, NodeInvent
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use kcloud_core::device::Holder;
+use kcloud_core::device::{DeviceAddress, Holder};
 use kcloud_core::signal::Signal;
 use kcloud_core::{Error, Result};
 
@@ -731,6 +731,34 @@ impl Inventory {
             c.oldest_age_ms = c.oldest_age_ms.max(now_ms.saturating_sub(e.received_at_ms));
         }
         c
+    }
+
+    /// Where each of `uuids` lives on its node, as its agent last reported: the GPU's
+    /// minor number, and a MIG instance's GPU and compute instance ids. A device not
+    /// listed gets an address with neither.
+    pub fn addresses(&self, uuids: &[String]) -> Vec<DeviceAddress> {
+        let st = self.read();
+        uuids
+            .iter()
+            .map(|uuid| {
+                let found = st.device(uuid).and_then(|(key, dev)| {
+                    let gpu = st.nodes.get(&key.node)?.snap.gpus.get(dev.gpu_pos)?;
+                    let mig = dev
+                        .class
+                        .mig
+                        .then(|| gpu.mig_instances.get(dev.mig_pos))
+                        .flatten()
+                        .and_then(|m| Some((m.gpu_instance_id?, m.compute_instance_id?)));
+                    Some((gpu.minor_number, mig))
+                });
+                let (minor, mig) = found.unwrap_or((None, None));
+                DeviceAddress {
+                    uuid: uuid.clone(),
+                    minor,
+                    mig,
+                }
+            })
+            .collect()
     }
 }
 

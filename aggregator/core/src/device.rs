@@ -37,6 +37,19 @@ pub enum DeviceRequest {
     },
 }
 
+/// Where a device lives on its node, as the driver's device files name it: what a
+/// sandbox needs to expose exactly that device (`/dev/nvidia{minor}`, and for a MIG
+/// instance the capabilities of its GPU and compute instance).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceAddress {
+    pub uuid: String,
+    /// The GPU's (for a MIG instance: its parent's) minor number; `None` when the agent
+    /// did not report it.
+    pub minor: Option<u32>,
+    /// A MIG instance's GPU instance and compute instance ids.
+    pub mig: Option<(u32, u32)>,
+}
+
 /// Whether `u` looks like a device UUID a request may name.
 pub fn valid_uuid(u: &str) -> bool {
     (u.starts_with("GPU-") || u.starts_with("MIG-"))

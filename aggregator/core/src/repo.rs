@@ -86,6 +86,10 @@ pub trait ServerRepo: Send + Sync {
     async fn server_event(&self, server_id: &str, event: ServerEvent) -> Result<()>;
     /// A server's events, oldest first.
     async fn server_events(&self, server_id: &str) -> Result<Vec<ServerEvent>>;
+    /// The uid `user`'s servers run as in the local sandbox: the one recorded, else the
+    /// next unused one of `first..=last`, recorded for good (never handed to another
+    /// user, also after this one is deleted). `Unavailable` when the range is used up.
+    async fn local_uid(&self, user: &str, first: u32, last: u32) -> Result<u32>;
 }
 
 /// Users' volumes.

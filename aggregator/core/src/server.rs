@@ -108,6 +108,9 @@ pub struct ServerSpec {
     pub launch: Launch,
     /// Volumes and shares, in the order the user gave them.
     pub mounts: Vec<Mount>,
+    /// Where `devices` live on the node (the local sandbox exposes exactly these);
+    /// not kept with the server.
+    pub addresses: Vec<crate::device::DeviceAddress>,
 }
 
 /// Where the proxy reaches a running server, and how it talks to it.

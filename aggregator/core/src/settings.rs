@@ -41,6 +41,77 @@ pub struct Settings {
     /// NFS shares users may browse and mount (`[[shares]]`), defined only here: a
     /// request can never name an NFS server or path.
     pub shares: Vec<Share>,
+    /// The local provisioner's isolation (`[local]`).
+    pub local: LocalSettings,
+}
+
+/// `[local]`: how the local provisioner isolates servers (`--isolation sandbox`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalSettings {
+    /// Whose uid a server runs as.
+    pub identities: Identities,
+    /// `range` identities: the first and last uid (the gid is the same number).
+    pub uid_range: [u32; 2],
+    /// Processes and threads one server may have at once (`pids.max`).
+    pub pids_max: u32,
+    /// Host paths servers see read-only besides the system's (`/usr`, `/etc`, `/opt`
+    /// and the like), e.g. a shared conda root. The install prefix of the program a
+    /// server runs (the folder above its `bin/`) is added by itself.
+    pub read_only_paths: Vec<PathBuf>,
+    /// Where the driver's device files are (`nvidia{N}`, `nvidiactl`, `nvidia-uvm`,
+    /// `nvidia-caps/`).
+    pub device_root: PathBuf,
+    /// The driver's table of MIG capability minors.
+    pub mig_minors: PathBuf,
+}
+
+/// `[local] identities`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Identities {
+    /// A uid (and gid) of `uid_range` per kcloud user, allocated on first use and kept.
+    Range,
+    /// The owner's own account on this host (same name): labs with Unix accounts,
+    /// where files in volumes then belong to the person.
+    System,
+}
+
+impl Default for LocalSettings {
+    fn default() -> Self {
+        LocalSettings {
+            identities: Identities::Range,
+            uid_range: [200_000, 299_999],
+            pids_max: 4096,
+            read_only_paths: Vec::new(),
+            device_root: PathBuf::from("/dev"),
+            mig_minors: PathBuf::from("/proc/driver/nvidia-caps/mig-minors"),
+        }
+    }
+}
+
+impl LocalSettings {
+    fn validate(&self) -> Result<()> {
+        let [first, last] = self.uid_range;
+        if first < 1000 || last < first {
+            return Err(Error::Config(format!(
+                "[local] uid_range = [{first}, {last}]: first ≥ 1000 (no system accounts) \
+                 and last ≥ first"
+            )));
+        }
+        if self.pids_max < 16 {
+            return Err(Error::Config("[local] pids_max must be at least 16".into()));
+        }
+        for p in &self.read_only_paths {
+            if !p.is_absolute() || p == Path::new("/") {
+                return Err(Error::Config(format!(
+                    "[local] read_only_paths: {} must be an absolute path below /",
+                    p.display()
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `[storage]`: volume limits and the cluster shape's backing.
@@ -345,6 +416,7 @@ impl Settings {
         }
         s.profiles = profiles;
         s.culling.schedule()?;
+        s.local.validate()?;
         let k = &s.kubernetes;
         if k.run_as_user <= 0 || k.run_as_group < 0 {
             return Err(Error::Config(

@@ -49,8 +49,17 @@ export async function adminPage(ctx) {
     }
   });
   const dl = (obj) => h('dl', { class: 'facts' }, Object.entries(obj).flatMap(([k, v]) => [h('dt', {}, k), h('dd', {}, typeof v === 'object' && v !== null ? JSON.stringify(v) : String(v ?? 'unlimited'))]));
+  const iso = settings.isolation;
+  const isolation = h('section', { class: `isolation ${iso.mode === 'none' ? 'warning' : ''}`, 'aria-label': 'Isolation', dataset: { mode: iso.mode } },
+    h('h3', {}, 'Isolation'),
+    h('p', {}, iso.mode === 'sandbox' ? 'Servers run sandboxed, each as its owner\'s uid, in a cgroup of its own.'
+      : iso.mode === 'pods' ? 'Servers run as Kubernetes pods.'
+        : 'Servers run UNCONFINED as the aggregator\'s user (--isolation none): any server can read the platform\'s secrets and other users\' files.'),
+    iso.enforced.length ? h('ul', {}, iso.enforced.map((e) => h('li', {}, e))) : null,
+    iso.notes.length ? h('ul', { class: 'muted' }, iso.notes.map((n) => h('li', {}, n))) : null);
   return h('div', { class: 'admin' },
     h('h2', {}, 'Admin'),
+    isolation,
     h('h3', {}, 'Users'),
     h('table', { class: 'grid' },
       h('thead', {}, h('tr', {}, ['User', 'Role', 'Account', 'Quota (GPUs, servers)', ''].map((t) => h('th', { scope: 'col' }, t)))),

@@ -80,6 +80,9 @@ pub trait Provisioner: Send + Sync {
     /// Wakes after a server appears, changes status or goes (not on mere traffic).
     fn subscribe(&self) -> tokio::sync::watch::Receiver<u64>;
 
+    /// How servers are kept apart here, for the settings users and admins read.
+    fn isolation(&self) -> kcloud_core::isolation::Isolation;
+
     /// Stops watching and saves what is pending; servers keep running and are adopted
     /// at the next start.
     async fn shutdown(&self);

@@ -6,6 +6,10 @@
 //! the kernel, not in a string check. [`RelPath`] additionally refuses `..`, `.`,
 //! empty components, NUL and overlong names up front, so that the errors are clear.
 //! Writes and removals act on a name inside an opened parent directory.
+//!
+//! What the browser creates belongs to whoever owns the root (a sandboxed server's
+//! volume belongs to its owner's uid), given by file descriptor, so that the files
+//! stay the user's to change from their servers.
 
 use std::io;
 use std::path::Path;
@@ -130,6 +134,8 @@ pub struct Listing {
 pub struct Root {
     dir: Dir,
     read_only: bool,
+    /// The root's uid and gid when they are not the aggregator's: new files get them.
+    owner: Option<(u32, u32)>,
 }
 
 impl Root {
@@ -145,7 +151,29 @@ impl Root {
                 }
             }
         })?;
-        Ok(Root { dir, read_only })
+        let owner = dir
+            .dir_metadata()
+            .ok()
+            .map(|m| {
+                use cap_std::fs::MetadataExt;
+                (m.uid(), m.gid())
+            })
+            .filter(|(uid, _)| *uid != rustix::process::geteuid().as_raw());
+        Ok(Root {
+            dir,
+            read_only,
+            owner,
+        })
+    }
+
+    /// Gives a file or folder the browser just made to the root's owner.
+    fn give(&self, fd: impl std::os::fd::AsFd, shown: &str) -> Result<()> {
+        match self.owner {
+            Some((uid, gid)) => {
+                std::os::unix::fs::fchown(fd, Some(uid), Some(gid)).map_err(|e| io_error(e, shown))
+            }
+            None => Ok(()),
+        }
     }
 
     pub fn read_only(&self) -> bool {
@@ -295,9 +323,22 @@ impl Root {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_error(e, path.as_str())),
         }
-        self.dir
-            .create_dir_all(path.as_str())
-            .map_err(|e| io_error(e, path.as_str()))?;
+        // One level at a time, so each folder made here is given to the root's owner.
+        let mut at = String::new();
+        for name in path.as_str().split('/').filter(|n| !n.is_empty()) {
+            if !at.is_empty() {
+                at.push('/');
+            }
+            at.push_str(name);
+            match self.dir.create_dir(&at) {
+                Ok(()) => {
+                    let made = self.dir.open_dir(&at).map_err(|e| io_error(e, &at))?;
+                    self.give(&made, &at)?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io_error(e, &at)),
+            }
+        }
         self.stat(path)
     }
 
@@ -373,6 +414,7 @@ impl Root {
         let file = dir
             .open_with(&tmp, OpenOptions::new().write(true).create_new(true))
             .map_err(|e| io_error(e, path.as_str()))?;
+        self.give(&file, path.as_str())?;
         Ok(Upload {
             file: Some(file.into_std()),
             guard: TempGuard {

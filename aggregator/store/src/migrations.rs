@@ -108,6 +108,14 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (owner, name)
     ) STRICT;
     "#,
+    // 5: the local sandbox's uid of each user, kept for good (also after the user is
+    // deleted: a uid that owned files never passes to someone else).
+    r#"
+    CREATE TABLE local_uids (
+        user_name TEXT PRIMARY KEY NOT NULL,
+        uid       INTEGER NOT NULL UNIQUE CHECK (uid > 0)
+    ) STRICT;
+    "#,
 ];
 
 /// The schema version this binary writes.

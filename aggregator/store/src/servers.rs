@@ -1,7 +1,7 @@
 //! The local shape's servers and their lifecycle events.
 
 use async_trait::async_trait;
-use rusqlite::{Row, params};
+use rusqlite::{OptionalExtension, Row, TransactionBehavior, params};
 
 use kcloud_core::Error;
 use kcloud_core::repo::{ServerRecord, ServerRepo};
@@ -163,6 +163,45 @@ impl ServerRepo for Store {
                 })
             })?;
             Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+    }
+
+    async fn local_uid(&self, user: &str, first: u32, last: u32) -> kcloud_core::Result<u32> {
+        let user = user.to_owned();
+        self.call(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let known: Option<u32> = tx
+                .query_row(
+                    "SELECT uid FROM local_uids WHERE user_name = ?1",
+                    params![user],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(uid) = known {
+                return Ok(uid);
+            }
+            let highest: Option<u32> = tx.query_row(
+                "SELECT MAX(uid) FROM local_uids WHERE uid BETWEEN ?1 AND ?2",
+                params![first, last],
+                |r| r.get(0),
+            )?;
+            let uid = match highest {
+                None => first,
+                Some(h) if h < last => h + 1,
+                Some(_) => {
+                    return Err(Error::Unavailable(format!(
+                        "every uid of [local] uid_range [{first}, {last}] is taken; widen it"
+                    ))
+                    .into());
+                }
+            };
+            tx.execute(
+                "INSERT INTO local_uids (user_name, uid) VALUES (?1, ?2)",
+                params![user, uid],
+            )?;
+            tx.commit()?;
+            Ok(uid)
         })
         .await
     }

@@ -735,3 +735,32 @@ async fn concurrent_consumers_get_one_valid() {
     }
     assert_eq!(valid, 1);
 }
+
+#[tokio::test]
+async fn local_uids_are_allocated_once_and_never_reused() {
+    let (dir, store) = open_temp();
+    let a = store.local_uid("alice", 200_000, 200_002).await.unwrap();
+    let b = store.local_uid("bob", 200_000, 200_002).await.unwrap();
+    assert_eq!((a, b), (200_000, 200_001));
+    assert_eq!(
+        store.local_uid("alice", 200_000, 200_002).await.unwrap(),
+        a,
+        "stable"
+    );
+    // Kept across a restart, and after the user is gone: the next user gets a new one.
+    store
+        .create_user(new_user("carol", Role::User))
+        .await
+        .unwrap();
+    store.delete_user("carol").await.unwrap();
+    store.close().await.unwrap();
+    let store = Store::open(&dir.path().join("kcloud.db")).unwrap();
+    assert_eq!(store.local_uid("bob", 200_000, 200_002).await.unwrap(), b);
+    assert_eq!(
+        store.local_uid("carol", 200_000, 200_002).await.unwrap(),
+        200_002
+    );
+    let err = store.local_uid("dave", 200_000, 200_002).await.unwrap_err();
+    assert!(matches!(err, kcloud_core::Error::Unavailable(_)), "{err:?}");
+    assert!(err.to_string().contains("uid_range"), "{err}");
+}

@@ -9,8 +9,9 @@
 //! 3. every server the API answered 201 for is running or failed with a reason, unless
 //!    a delete the API answered 204 for (or one cut short by the kill) removed it; none
 //!    stays pending;
-//! 4. every process working in a server directory of this data dir belongs to a server
-//!    the API lists as running, one process group per server; none after the end.
+//! 4. every process of this test's servers (by the owner, name and incarnation every
+//!    server process carries) belongs to a server
+//!    the API lists as running, one incarnation per server; none after the end.
 //!
 //! Cycles: `KCLOUD_FAULT_CYCLES` (default 20, for CI); the full run is
 //! `KCLOUD_FAULT_CYCLES=200 cargo nextest run -p kcloud-aggregator --test faults`.
@@ -19,8 +20,6 @@
 //! every tenth cycle also starts a real JupyterLab (`pip install jupyterlab`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-
-use std::path::{Path, PathBuf};
 
 use std::time::{Duration, Instant};
 
@@ -32,7 +31,9 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 const ADMIN_PW: &str = "admin-password-for-faults";
-const USER: &str = "admin";
+/// The bootstrap admin, whose servers these are: a name no other test uses, so that
+/// server processes are told apart by their owner.
+const USER: &str = "faultadmin";
 /// Server names are drawn from a small pool, so that creates collide with live names
 /// and new incarnations reuse the directories of deleted ones.
 const NAMES: usize = 8;
@@ -44,17 +45,13 @@ const SETTLE: Duration = Duration::from_secs(120);
 /// when it fails half-way.
 struct Harness {
     p: AggregatorProcess,
-    data: PathBuf,
 }
 
 impl Drop for Harness {
     fn drop(&mut self) {
-        for p in server_processes(&self.data) {
-            for pid in [p.pgid, p.pid] {
-                if let Some(pid) = rustix::process::Pid::from_raw(pid) {
-                    let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
-                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-                }
+        for p in server_processes() {
+            if let Some(pid) = rustix::process::Pid::from_raw(p.pid) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
             }
         }
     }
@@ -101,16 +98,15 @@ impl Harness {
     }
 }
 
-/// A process whose working directory is a server's (`<data>/servers/{user}/{name}/…`).
+/// A live process of one of [`USER`]'s servers: its name and incarnation (id).
 #[derive(Debug)]
 struct ServerProcess {
     pid: i32,
-    pgid: i32,
+    id: String,
     name: String,
 }
 
-fn server_processes(data: &Path) -> Vec<ServerProcess> {
-    let root = data.join("servers").join(USER);
+fn server_processes() -> Vec<ServerProcess> {
     let mut out = Vec::new();
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return out;
@@ -119,32 +115,35 @@ fn server_processes(data: &Path) -> Vec<ServerProcess> {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
         };
-        // Zombies have no cwd: they are gone for this purpose.
-        let Ok(cwd) = std::fs::read_link(format!("/proc/{pid}/cwd")) else {
-            continue;
-        };
-        let Ok(rel) = cwd.strip_prefix(&root) else {
-            continue;
-        };
-        let Some(name) = rel.components().next() else {
-            continue;
-        };
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
             continue;
         };
-        // Fields after the command name: state, ppid, pgrp, ...
-        let Some(pgid) = stat
-            .rfind(')')
-            .and_then(|i| stat[i + 1..].split_whitespace().nth(2))
-            .and_then(|f| f.parse().ok())
-        else {
+        // Zombies are gone for this purpose.
+        if matches!(
+            stat.rfind(')')
+                .and_then(|i| stat[i + 1..].split_whitespace().next()),
+            Some("Z" | "X")
+        ) {
+            continue;
+        }
+        // Every process of a server carries its owner, name and incarnation (sandboxed
+        // ones too, whose cwd and process group are their sandbox's).
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
             continue;
         };
-        out.push(ServerProcess {
-            pid,
-            pgid,
-            name: name.as_os_str().to_string_lossy().into_owned(),
-        });
+        let var = |key: &str| {
+            env.split(|b| *b == 0)
+                .find_map(|kv| kv.strip_prefix(format!("{key}=").as_bytes()))
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        };
+        let (Some(USER), Some(name), Some(id)) = (
+            var("KCLOUD_USER").as_deref(),
+            var("KCLOUD_SERVER"),
+            var("KCLOUD_SERVER_ID"),
+        ) else {
+            continue;
+        };
+        out.push(ServerProcess { pid, id, name });
     }
     out
 }
@@ -362,9 +361,12 @@ async fn check(
     }
 
     // (4) processes against the servers that should have them.
-    let mut groups: BTreeMap<String, BTreeSet<i32>> = BTreeMap::new();
-    for p in server_processes(&h.data) {
-        groups.entry(p.name.clone()).or_default().insert(p.pgid);
+    let mut groups: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for p in server_processes() {
+        groups
+            .entry(p.name.clone())
+            .or_default()
+            .insert(p.id.clone());
         match by_name.get(p.name.as_str()) {
             Some(s) if s["status"] == "running" => {}
             Some(s) => v(format!(
@@ -379,7 +381,7 @@ async fn check(
     }
     for (name, g) in groups.iter().filter(|(_, g)| g.len() > 1) {
         v(format!(
-            "orphan: {name} has {} process groups {g:?}",
+            "orphan: {name} has processes of {} incarnations {g:?}",
             g.len()
         ));
     }
@@ -423,7 +425,7 @@ async fn sigkill_during_creates_and_deletes_leaks_nothing() {
         .env("KCLOUD_BOOTSTRAP_ADMIN_PASSWORD", ADMIN_PW)
         .env("RUST_LOG", "info")
         .log_to(&dir.path().join("aggregator.log"));
-    let mut h = Harness { p, data };
+    let mut h = Harness { p };
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .build()
@@ -579,7 +581,7 @@ async fn sigkill_during_creates_and_deletes_leaks_nothing() {
             violations.push(format!("devices still held after deleting all: {held:?}"));
         }
         h.sigterm();
-        let left = server_processes(&h.data);
+        let left = server_processes();
         if !left.is_empty() {
             violations.push(format!("processes left after the end: {left:?}"));
         }

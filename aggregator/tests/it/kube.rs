@@ -40,6 +40,7 @@ fn spec(devices: &[&str]) -> ServerSpec {
         name: "lab".into(),
         node: (!devices.is_empty()).then(|| "gpu-node-1".into()),
         devices: devices.iter().map(|d| (*d).to_owned()).collect(),
+        addresses: Vec::new(),
         cpu_millis: 2_000,
         memory_bytes: 8 << 30,
         image: Some("quay.io/jupyter/pytorch-notebook:cuda12-latest".into()),

@@ -13,6 +13,7 @@ mod portal;
 mod process;
 mod prometheus;
 mod pvc;
+mod sandbox;
 mod servers;
 mod sessions;
 mod storage;

@@ -168,11 +168,14 @@ async fn cluster_volumes_are_pvcs() {
     let cluster = Arc::new(kcloud_cluster::Cluster::new(
         std::time::Duration::from_secs(30),
     ));
-    let provisioner = Arc::new(LocalProvisioner::new(
-        store.clone(),
-        ReleaseOnExit::new(cluster),
-        LocalOptions::new(dir.path()),
-    ));
+    let provisioner = Arc::new(
+        LocalProvisioner::new(
+            store.clone(),
+            ReleaseOnExit::new(cluster),
+            LocalOptions::new(dir.path()),
+        )
+        .expect("provisioner"),
+    );
     let storage = Arc::new(Volumes::new(
         repo,
         Box::new(PvcVolumes::new(pvcs, NS, &settings.storage)),

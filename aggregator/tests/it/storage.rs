@@ -1119,23 +1119,23 @@ path = "/export/admins"
             {"volume": "solo", "mount_path": "/home/jovyan/projects/solo", "read_only": false}
         ])
     );
+    // Each mount point is a folder of the server's home, where its sandbox binds the
+    // volume or share; the volumes now belong to alice's uid (never root), the share
+    // stays its owner's.
+    use std::os::unix::fs::MetadataExt;
     let home = app.data().join("servers/alice/lab/work");
-    assert_eq!(
-        std::fs::read_link(home.join("work")).unwrap(),
-        app.volume_dir("alice", "data")
-    );
-    assert_eq!(
-        std::fs::read_link(home.join("models")).unwrap(),
-        app.volume_dir("alice", "models")
-    );
-    assert_eq!(
-        std::fs::read_link(home.join("shares/datasets")).unwrap(),
-        app.dir.path().join("nfs/datasets")
-    );
-    assert_eq!(
-        std::fs::read_link(home.join("projects/solo")).unwrap(),
-        app.volume_dir("alice", "solo")
-    );
+    let uid = std::fs::metadata(&home).unwrap().uid();
+    assert_ne!(uid, 0);
+    for p in ["work", "models", "shares/datasets", "projects/solo"] {
+        let m = std::fs::symlink_metadata(home.join(p)).unwrap();
+        assert!(m.is_dir() && m.uid() == uid, "{p}");
+    }
+    for v in ["data", "models", "solo"] {
+        let m = std::fs::metadata(app.volume_dir("alice", v)).unwrap();
+        assert_eq!((m.uid(), m.gid()), (uid, uid), "{v}");
+    }
+    let share = std::fs::metadata(app.dir.path().join("nfs/datasets")).unwrap();
+    assert_eq!(share.uid(), 0);
 
     let r = app
         .call(
@@ -1305,7 +1305,7 @@ path = "/export/admins"
     assert!(!app.volume_dir("alice", "data").exists());
     assert!(
         std::fs::symlink_metadata(home.join("work")).is_err(),
-        "the mount link is removed"
+        "the mount point is removed"
     );
     assert!(
         app.dir.path().join("nfs/datasets").is_dir(),

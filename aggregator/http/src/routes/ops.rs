@@ -6,17 +6,18 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use kcloud_core::isolation::Isolation;
 use kcloud_core::launch::Profile;
 use kcloud_core::settings::{DefaultQuota, Images, Preset};
 
 use crate::AppState;
 use crate::error::ErrorBody;
 use crate::extract::Caller;
-use serde::Serialize;
-use utoipa::ToSchema;
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -77,6 +78,8 @@ pub struct PublicSettings {
     pub default_quota: DefaultQuota,
     /// The IDE profiles servers can run.
     pub profiles: BTreeMap<String, Profile>,
+    /// How servers are kept apart here, and which limits are enforced.
+    pub isolation: Isolation,
 }
 
 /// The settings users choose within (read-only).
@@ -89,5 +92,6 @@ async fn settings(State(s): State<AppState>, _caller: Caller) -> Json<PublicSett
         images: s.settings.images.clone(),
         default_quota: s.settings.default_quota.clone(),
         profiles: s.settings.profiles.clone(),
+        isolation: s.servers.isolation(),
     })
 }

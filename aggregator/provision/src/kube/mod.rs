@@ -377,6 +377,10 @@ impl Provisioner for KubeProvisioner {
         self.inner.table.subscribe()
     }
 
+    fn isolation(&self) -> kcloud_core::isolation::Isolation {
+        kcloud_core::isolation::Isolation::pods()
+    }
+
     async fn set_cull_exempt(
         &self,
         owner: &str,

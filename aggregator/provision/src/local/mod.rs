@@ -1,21 +1,25 @@
-//! The local shape's provisioner: every server is a child process on this host
+//! The local shape's provisioner: every server is a process tree on this host
 //! (JupyterLab by default), pinned to its devices with `CUDA_VISIBLE_DEVICES` and
 //! `NVIDIA_VISIBLE_DEVICES`, listening on a free loopback port, working in
 //! `<data-dir>/servers/{user}/{server}/work`, its output in `.../server.log`.
 //!
+//! Isolation ([`isolation`], `--isolation sandbox`, the default): each server runs as
+//! an unprivileged uid of its owner, in a bubblewrap sandbox where it sees its home,
+//! its own volumes and shares and only its GPU files, in a cgroup of its own that
+//! limits its memory, CPU and processes and through which it is killed whole. With
+//! `--isolation none` servers run as the aggregator's user, unconfined.
+//!
 //! Servers are recorded through [`ServerRepo`] and mirrored in memory, which answers
 //! the reads. A watch task per server probes it until it answers (`pending` →
-//! `running`) and notices when its process ends (→ `failed`, reported to [`Exits`]). Processes run in
-//! their own process group and outlive the aggregator: at the next start,
-//! [`Provisioner::recover`] adopts those still running (same pid and start time) and
-//! fails the others.
+//! `running`) and notices when its process ends (→ `failed`, reported to [`Exits`]
+//! only once every process of the server is gone). Processes outlive the aggregator:
+//! at the next start, [`Provisioner::recover`] adopts those still running (same pid
+//! and start time) and fails the others.
 //!
 //! The Jupyter token goes to the process in `JUPYTER_TOKEN`, not on its command line,
 //! where any local user could read it with `ps`; it is removed from the logs users see.
-//! Processes run as the aggregator's Unix user: the local shape is for a group that
-//! trusts each other (one lab's GPU box), not for isolation between users. CPU and
-//! memory are accounted against quotas but not enforced here.
 
+pub mod isolation;
 mod mounts;
 mod process;
 mod program;
@@ -35,10 +39,14 @@ use axum::http::{Request, header};
 use futures_util::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
+use kcloud_core::isolation::Isolation;
 use kcloud_core::launch::{Binding, CommandLine, JUPYTER_CONFIG, Launch};
 use kcloud_core::private::{create_private_dir, random_token};
 use kcloud_core::repo::{ServerRecord, ServerRepo};
-use kcloud_core::server::{Server, ServerEvent, ServerSpec, ServerStatus, Upstream, base_url};
+use kcloud_core::server::{
+    MountSource, Server, ServerEvent, ServerSpec, ServerStatus, Upstream, base_url,
+};
+use kcloud_core::settings::LocalSettings;
 use kcloud_core::validate::{validate_server_name, validate_user_name};
 use kcloud_core::{Error, Result, now_ms};
 
@@ -46,10 +54,11 @@ use crate::logs::{LOG_TAIL_BYTES, tail_lines, whole_lines_tail};
 use crate::table::{Key, ServerTable};
 use crate::upstream::{HttpClient, http_client};
 use crate::{Exits, LogStream, Provisioner};
+use isolation::identity::{Identity, adopt_tree, identity, owned_dir};
+use isolation::sandbox::{CONFIG_DIR, HOME, Jail, account_files};
+use isolation::{Confinement, IsolationLevel, Limits, device_files};
 use mounts::{link_mounts, unlink_mounts};
-use process::{
-    SERVER_ID_ENV, alive, describe_exit, proc_stat, stop_process, stop_strays, tagged_processes,
-};
+use process::{SERVER_ID_ENV, alive, describe_exit, proc_stat, stop_strays, tagged_processes};
 use program::{find_program, passes};
 
 /// Activity is written to the database at most this often per server.
@@ -67,6 +76,10 @@ pub struct LocalOptions {
     pub stop_grace: Duration,
     /// A server that does not answer within this time after its start is failed.
     pub start_timeout: Duration,
+    /// How servers are confined (`--isolation`).
+    pub isolation: IsolationLevel,
+    /// `[local]`: identities, limits, what a sandbox sees.
+    pub settings: LocalSettings,
 }
 
 impl LocalOptions {
@@ -76,6 +89,8 @@ impl LocalOptions {
             jupyter: None,
             stop_grace: Duration::from_secs(10),
             start_timeout: Duration::from_secs(300),
+            isolation: IsolationLevel::Sandbox,
+            settings: LocalSettings::default(),
         }
     }
 }
@@ -89,6 +104,7 @@ struct Inner {
     store: Arc<dyn ServerRepo>,
     exits: Arc<dyn Exits>,
     opts: LocalOptions,
+    confinement: Confinement,
     table: ServerTable<Entry>,
     http: HttpClient,
     shutdown: CancellationToken,
@@ -111,18 +127,25 @@ impl crate::table::Entry for Entry {
 }
 
 impl LocalProvisioner {
-    /// `exits` is told about servers that end by themselves.
-    pub fn new(store: Arc<dyn ServerRepo>, exits: Arc<dyn Exits>, opts: LocalOptions) -> Self {
-        Self {
+    /// `exits` is told about servers that end by themselves. Refuses (`Config`) when
+    /// `opts.isolation` asks for a sandbox this host cannot give.
+    pub fn new(
+        store: Arc<dyn ServerRepo>,
+        exits: Arc<dyn Exits>,
+        opts: LocalOptions,
+    ) -> Result<Self> {
+        let confinement = Confinement::new(opts.isolation, &opts.settings, &opts.data_dir)?;
+        Ok(Self {
             inner: Arc::new(Inner {
                 store,
                 exits,
                 opts,
+                confinement,
                 table: ServerTable::default(),
                 http: http_client(),
                 shutdown: CancellationToken::new(),
             }),
-        }
+        })
     }
 }
 
@@ -136,22 +159,27 @@ impl Provisioner for LocalProvisioner {
         let mut tagged = tokio::task::spawn_blocking(tagged_processes)
             .await
             .map_err(|e| Error::Internal(format!("process scan failed: {e}")))?;
-        for mut row in inner.store.servers().await? {
+        let rows = inner.store.servers().await?;
+        let known: std::collections::HashSet<String> =
+            rows.iter().map(|r| r.server.id.clone()).collect();
+        inner.confinement.sweep(&known).await;
+        for mut row in rows {
             let strays = tagged.remove(&row.server.id).unwrap_or_default();
             // Whether to watch it (and whether it answers yet), once it is in the map.
             let mut adopted = None;
             match row.server.status {
                 ServerStatus::Stopping => {
                     // A delete was cut short: finish it.
-                    if let Some(pid) = row.server.pid {
-                        stop_process(pid, row.pid_start, inner.opts.stop_grace).await;
-                    }
+                    inner.stop(&row).await;
                     stop_strays(&strays, inner.opts.stop_grace).await;
                     inner.store.delete_server(&row.server.id).await?;
                     tracing::info!(owner = %row.server.owner, server = %row.server.name, "finished an interrupted delete");
                     continue;
                 }
-                ServerStatus::Failed => stop_strays(&strays, inner.opts.stop_grace).await,
+                ServerStatus::Failed => {
+                    stop_strays(&strays, inner.opts.stop_grace).await;
+                    inner.confinement.reap(&row.server.id).await;
+                }
                 ServerStatus::Pending | ServerStatus::Running => {
                     let live = row.server.pid.is_some_and(|pid| alive(pid, row.pid_start));
                     if live {
@@ -180,14 +208,25 @@ impl Provisioner for LocalProvisioner {
                         adopted = Some(ready);
                     } else {
                         row.server.status = ServerStatus::Failed;
-                        row.server.reason = Some(if strays.is_empty() {
-                            "its process ended while kcloud-aggregator was not running".into()
-                        } else {
-                            // Started but never recorded: nothing knows its pid to
-                            // watch it, so it is stopped rather than adopted.
-                            stop_strays(&strays, inner.opts.stop_grace).await;
-                            "kcloud-aggregator stopped while starting it; stopped".into()
+                        const ENDED: &str =
+                            "its process ended while kcloud-aggregator was not running";
+                        row.server.reason = Some(match (strays.is_empty(), row.server.pid) {
+                            (true, _) => ENDED.into(),
+                            (false, Some(_)) => {
+                                // Its main process is gone; what it left is stopped.
+                                stop_strays(&strays, inner.opts.stop_grace).await;
+                                format!("{ENDED}; what it left running was stopped")
+                            }
+                            (false, None) => {
+                                // Started but never recorded: nothing knows its pid
+                                // to watch it, so it is stopped rather than adopted.
+                                stop_strays(&strays, inner.opts.stop_grace).await;
+                                "kcloud-aggregator stopped while starting it; stopped".into()
+                            }
                         });
+                        // Whatever of it is left (a sandbox whose main process
+                        // ended) goes before its devices are freed.
+                        inner.confinement.reap(&row.server.id).await;
                         inner.store.save_server(row.clone()).await?;
                         inner
                             .event(
@@ -224,9 +263,15 @@ impl Provisioner for LocalProvisioner {
         let inner = &self.inner;
         validate_user_name(&spec.owner)?;
         validate_server_name(&spec.name)?;
-        // Before anything is made: a missing program is the user's or the host's
-        // problem, not a half-created server.
+        // Before anything is made: a missing program or device file is the user's or
+        // the host's problem, not a half-created server.
         let program = inner.program(&spec)?;
+        let devices = match &inner.confinement {
+            Confinement::None => Vec::new(),
+            Confinement::Sandbox { settings, .. } => {
+                device_files(&settings.device_root, &settings.mig_minors, &spec.addresses)?
+            }
+        };
         let now = now_ms();
         let mut row = ServerRecord {
             server: Server {
@@ -245,7 +290,7 @@ impl Provisioner for LocalProvisioner {
                 saved_activity_ms: now,
             },
         )?;
-        match inner.start(&mut row, program).await {
+        match inner.start(&mut row, program, devices).await {
             Ok(child) => {
                 let started = view(&row);
                 inner.table.update(&key, &row.server.id, |e| {
@@ -288,9 +333,7 @@ impl Provisioner for LocalProvisioner {
         inner
             .event(&row.server.id, "Stopping", "deleted".into())
             .await;
-        if let Some(pid) = row.server.pid {
-            stop_process(pid, row.pid_start, inner.opts.stop_grace).await;
-        }
+        inner.stop(&row).await;
         inner.store.delete_server(&row.server.id).await?;
         inner.table.forget(&key, &row.server.id);
         unlink_mounts(
@@ -413,6 +456,10 @@ impl Provisioner for LocalProvisioner {
         self.inner.table.subscribe()
     }
 
+    fn isolation(&self) -> Isolation {
+        self.inner.confinement.report()
+    }
+
     async fn shutdown(&self) {
         self.inner.shutdown.cancel();
         let unsaved: Vec<(String, u64)> = self
@@ -532,9 +579,54 @@ struct Program {
     jupyter: Vec<String>,
 }
 
+/// The owned parts of a [`Jail`].
+struct JailParts {
+    hostname: String,
+    id: Identity,
+    home: PathBuf,
+    config: Option<PathBuf>,
+    accounts: Option<(PathBuf, PathBuf)>,
+    mounts: Vec<(PathBuf, String, bool)>,
+    devices: Vec<(PathBuf, PathBuf)>,
+    cgroup_procs: Vec<PathBuf>,
+    argv: Vec<String>,
+}
+
+impl JailParts {
+    fn jail(&self) -> Jail<'_> {
+        Jail {
+            hostname: &self.hostname,
+            uid: self.id.uid,
+            gid: self.id.gid,
+            home: &self.home,
+            config: self.config.as_deref(),
+            passwd: self
+                .accounts
+                .as_ref()
+                .map(|(p, g)| (p.as_path(), g.as_path())),
+            mounts: self.mounts.clone(),
+            devices: self.devices.clone(),
+            cgroup_procs: self.cgroup_procs.clone(),
+            argv: &self.argv,
+        }
+    }
+}
+
 impl Inner {
     fn server_dir(&self, owner: &str, name: &str) -> PathBuf {
         self.opts.data_dir.join("servers").join(owner).join(name)
+    }
+
+    /// Stops every process of the server; returns once none is left.
+    async fn stop(&self, row: &ServerRecord) {
+        self.confinement
+            .stop(
+                &row.server.id,
+                row.server.pid,
+                row.pid_start,
+                self.opts.stop_grace,
+            )
+            .await;
     }
 
     async fn event(&self, id: &str, kind: &str, message: String) {
@@ -615,19 +707,35 @@ impl Inner {
         Ok(Program { launch, jupyter })
     }
 
-    /// Makes the directories and the record, then starts the process. On error the
-    /// caller removes the record.
+    /// Makes the directories and the record, then starts the process (sandboxed, as
+    /// its owner, in its cgroup, unless `--isolation none`). On error the caller
+    /// removes the record.
     async fn start(
         &self,
         row: &mut ServerRecord,
         program: Program,
+        devices: Vec<(PathBuf, PathBuf)>,
     ) -> Result<tokio::process::Child> {
         let dir = self.server_dir(&row.server.owner, &row.server.name);
         let work = dir.join("work");
         let runtime = dir.join("runtime");
-        create_private_dir(&work)?;
-        create_private_dir(&runtime)?;
-        link_mounts(&work, &row.server.mounts)?;
+        let who = match &self.confinement {
+            Confinement::Sandbox { settings, .. } => {
+                Some(identity(settings, self.store.as_ref(), &row.server.owner).await?)
+            }
+            Confinement::None => None,
+        };
+        match who {
+            Some(id) => {
+                create_private_dir(&dir)?;
+                owned_dir(&work, id)?;
+            }
+            None => {
+                create_private_dir(&work)?;
+                create_private_dir(&runtime)?;
+                link_mounts(&work, &row.server.mounts)?;
+            }
+        }
         let log_path = dir.join("server.log");
         let log = open_log(&log_path).map_err(|source| Error::Io {
             context: format!("creating {}", log_path.display()),
@@ -659,30 +767,77 @@ impl Inner {
             base_url: &base,
         };
         let mut argv = CommandLine::build(&program.launch, &program.jupyter, &binding).argv();
-        if jupyter && rustix::process::geteuid().is_root() {
-            // Containers and CI run as root; JupyterLab refuses that unless told.
+        if jupyter && who.is_none() && rustix::process::geteuid().is_root() {
+            // Unconfined as root (containers, CI): JupyterLab refuses that unless told.
             argv.push("--ServerApp.allow_root=True".to_owned());
         }
-
         let config = dir.join("config");
         if jupyter {
-            write_jupyter_config(&config)?;
+            write_jupyter_config(&config, who.is_some())?;
         }
 
-        let devices = row.server.devices.join(",");
-        let mut cmd = tokio::process::Command::new(&argv[0]);
-        cmd.args(&argv[1..])
-            .current_dir(&work)
-            .env_clear()
-            .envs(std::env::vars_os().filter(|(k, _)| passes(k)))
-            .envs(&row.server.launch.env)
-            .env("CUDA_VISIBLE_DEVICES", &devices)
+        let visible = row.server.devices.join(",");
+        let mut cmd = match (&self.confinement, who) {
+            (
+                Confinement::Sandbox {
+                    sandbox,
+                    cgroups,
+                    settings,
+                },
+                Some(id),
+            ) => {
+                let group = cgroups
+                    .create(
+                        &row.server.id,
+                        Limits {
+                            memory_bytes: row.server.memory_bytes,
+                            cpu_millis: row.server.cpu_millis,
+                            pids: settings.pids_max,
+                        },
+                    )
+                    .map_err(|source| Error::Io {
+                        context: "creating the server's cgroup".into(),
+                        source,
+                    })?;
+                let jail = self.jail(row, &dir, &argv, jupyter, id, devices, group.procs_files());
+                let line = match jail {
+                    Ok(jail) => sandbox.command(&jail.jail()),
+                    Err(e) => {
+                        group.remove();
+                        return Err(e);
+                    }
+                };
+                let mut cmd = tokio::process::Command::new(&line[0]);
+                cmd.args(&line[1..])
+                    .current_dir("/")
+                    .env_clear()
+                    .envs(std::env::vars_os().filter(|(k, _)| passes(k)))
+                    .env("HOME", HOME)
+                    .env("USER", &row.server.owner)
+                    .env("LOGNAME", &row.server.owner)
+                    .env("TMPDIR", "/tmp")
+                    .envs(&row.server.launch.env)
+                    .env("JUPYTER_RUNTIME_DIR", "/tmp/jupyter-runtime")
+                    .env("JUPYTER_CONFIG_PATH", CONFIG_DIR);
+                cmd
+            }
+            _ => {
+                let mut cmd = tokio::process::Command::new(&argv[0]);
+                cmd.args(&argv[1..])
+                    .current_dir(&work)
+                    .env_clear()
+                    .envs(std::env::vars_os().filter(|(k, _)| passes(k)))
+                    .envs(&row.server.launch.env)
+                    .env("JUPYTER_RUNTIME_DIR", &runtime)
+                    .env("JUPYTER_CONFIG_PATH", &config);
+                cmd
+            }
+        };
+        cmd.env("CUDA_VISIBLE_DEVICES", &visible)
             .env(
                 "NVIDIA_VISIBLE_DEVICES",
-                if devices.is_empty() { "none" } else { &devices },
+                if visible.is_empty() { "none" } else { &visible },
             )
-            .env("JUPYTER_RUNTIME_DIR", &runtime)
-            .env("JUPYTER_CONFIG_PATH", &config)
             .env("KCLOUD_USER", &row.server.owner)
             .env("KCLOUD_SERVER", &row.server.name)
             // Lets a restart find the process even if its pid was never recorded.
@@ -704,10 +859,16 @@ impl Inner {
             // proxy's auth and have no use for a secret.
             cmd.env("JUPYTER_TOKEN", &row.token);
         }
-        let child = cmd.spawn().map_err(|source| Error::Io {
-            context: format!("starting {}", argv[0]),
-            source,
-        })?;
+        let child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(source) => {
+                self.confinement.reap(&row.server.id).await;
+                return Err(Error::Io {
+                    context: format!("starting {}", argv[0]),
+                    source,
+                });
+            }
+        };
         let pid = child
             .id()
             .ok_or_else(|| Error::Internal("started process has no pid".into()))?;
@@ -717,11 +878,78 @@ impl Inner {
         self.event(
             &row.server.id,
             "Started",
-            format!("process {pid} listening on loopback port {port}"),
+            match who {
+                Some(id) => format!(
+                    "process {pid} (sandboxed, uid {}) listening on loopback port {port}",
+                    id.uid
+                ),
+                None => format!("process {pid} listening on loopback port {port}"),
+            },
         )
         .await;
         tracing::info!(owner = %row.server.owner, server = %row.server.name, pid, port, "server started");
         Ok(child)
+    }
+
+    /// What a sandboxed server's jail holds: its home, its volumes (given to its
+    /// owner's uid) and shares at their mount paths, its device files, the account
+    /// files naming its uid.
+    #[allow(clippy::too_many_arguments)]
+    fn jail(
+        &self,
+        row: &ServerRecord,
+        dir: &Path,
+        argv: &[String],
+        jupyter: bool,
+        id: Identity,
+        devices: Vec<(PathBuf, PathBuf)>,
+        cgroup_procs: Vec<PathBuf>,
+    ) -> Result<JailParts> {
+        let mut mounts = Vec::new();
+        for m in &row.server.mounts {
+            let (MountSource::Volume { local_path, .. } | MountSource::Share { local_path, .. }) =
+                &m.source;
+            let host = local_path.clone().ok_or_else(|| {
+                Error::Unavailable(format!(
+                    "{} cannot be mounted on this host (no local path)",
+                    m.mount_path
+                ))
+            })?;
+            if matches!(m.source, MountSource::Volume { .. }) {
+                adopt_tree(&host, id)?;
+            }
+            mount_point(&dir.join("work"), &m.mount_path, id)?;
+            mounts.push((host, m.mount_path.clone(), m.read_only));
+        }
+        let accounts = match &self.confinement {
+            Confinement::Sandbox { settings, .. }
+                if settings.identities == kcloud_core::settings::Identities::Range =>
+            {
+                let (passwd, group) = account_files(&row.server.owner, id.uid, id.gid);
+                let write = |name: &str, text: &str| {
+                    let path = dir.join(name);
+                    std::fs::write(&path, text)
+                        .map(|()| path.clone())
+                        .map_err(|source| Error::Io {
+                            context: format!("writing {}", path.display()),
+                            source,
+                        })
+                };
+                Some((write("passwd", &passwd)?, write("group", &group)?))
+            }
+            _ => None,
+        };
+        Ok(JailParts {
+            hostname: row.server.name.clone(),
+            id,
+            home: dir.join("work"),
+            config: jupyter.then(|| dir.join("config")),
+            accounts,
+            mounts,
+            devices,
+            cgroup_procs,
+            argv: argv.to_vec(),
+        })
     }
 
     /// Whether the server answers its profile's readiness path with a 2xx (with no
@@ -857,10 +1085,20 @@ async fn watch(
             None => None,
         };
         if let Some(status) = exited {
+            // What the server left running goes first: its devices are freed only
+            // when nothing of it is left.
+            let oom = inner.confinement.reap(&id).await;
             let mut reason = match status.map(describe_exit) {
                 Some(s) => format!("process {s}"),
                 None => "process ended".to_owned(),
             };
+            if oom {
+                reason = format!(
+                    "OOMKilled: it used more than its memory ({} MiB) and the kernel killed \
+                     it; {reason}",
+                    row.server.memory_bytes >> 20
+                );
+            }
             if let Some(line) = inner.last_log_line(&key, &row.token) {
                 reason = format!("{reason}: {line}");
             }
@@ -873,7 +1111,11 @@ async fn watch(
                 inner.mark_running(&key, &id, since).await;
             } else if since.elapsed() > inner.opts.start_timeout {
                 let secs = inner.opts.start_timeout.as_secs();
-                // Failed first, so that this watch's own kill is not reported as a crash.
+                // Stopped first: failing it frees its devices.
+                inner.stop(&row).await;
+                if let Some(c) = child.as_mut() {
+                    let _ = c.wait().await;
+                }
                 inner
                     .fail(
                         &key,
@@ -881,10 +1123,6 @@ async fn watch(
                         format!("did not answer within {secs} s of its start; stopped"),
                     )
                     .await;
-                stop_process(pid, pid_start, inner.opts.stop_grace).await;
-                if let Some(c) = child.as_mut() {
-                    let _ = c.wait().await;
-                }
                 return;
             }
         }
@@ -920,11 +1158,67 @@ fn free_port() -> Result<u16> {
         })
 }
 
-fn write_jupyter_config(dir: &Path) -> Result<()> {
+/// Makes the folders of a mount path in the server's home (on the host, as its
+/// owner's), so that they exist as plain folders the server can pass through. A link
+/// or file in the way (the server's own doing) is refused, never followed.
+fn mount_point(home: &Path, mount_path: &str, id: Identity) -> Result<()> {
+    let Some(rel) = mount_path
+        .strip_prefix(HOME)
+        .and_then(|r| r.strip_prefix('/'))
+    else {
+        return Err(Error::BadRequest(format!("bad mount path {mount_path:?}")));
+    };
+    let mut at = home.to_owned();
+    for part in Path::new(rel).components() {
+        let std::path::Component::Normal(part) = part else {
+            return Err(Error::BadRequest(format!("bad mount path {mount_path:?}")));
+        };
+        at.push(part);
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(Error::Conflict(format!(
+                    "{mount_path}: something other than a folder is in the way in the \
+                     server's home; move it away or mount elsewhere"
+                )));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir(&at).map_err(|source| Error::Io {
+                    context: format!("creating {}", at.display()),
+                    source,
+                })?;
+                std::os::unix::fs::lchown(&at, Some(id.uid), Some(id.gid)).map_err(|source| {
+                    Error::Io {
+                        context: format!("giving {} to its owner", at.display()),
+                        source,
+                    }
+                })?;
+            }
+            Err(source) => {
+                return Err(Error::Io {
+                    context: format!("checking {}", at.display()),
+                    source,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes the Jupyter configuration; `readable`: for a sandboxed server's uid too (it
+/// holds nothing secret), else for the aggregator's user only.
+fn write_jupyter_config(dir: &Path, readable: bool) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     create_private_dir(dir)?;
     let path = dir.join("jupyter_server_config.py");
-    std::fs::write(&path, JUPYTER_CONFIG).map_err(|source| Error::Io {
+    let io = |source| Error::Io {
         context: format!("writing {}", path.display()),
         source,
-    })
+    };
+    std::fs::write(&path, JUPYTER_CONFIG).map_err(io)?;
+    if readable {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(io)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).map_err(io)?;
+    }
+    Ok(())
 }

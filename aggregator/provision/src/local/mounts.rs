@@ -1,4 +1,5 @@
-//! Mounts in the local shape: each volume or share as a symlink in the server's home.
+//! Mounts in the local shape without a sandbox (`--isolation none`): each volume or share
+//! as a symlink in the server's home. (Sandboxed servers get bind mounts instead.)
 
 use std::path::{Path, PathBuf};
 
@@ -56,15 +57,21 @@ pub(crate) fn link_mounts(work: &Path, mounts: &[Mount]) -> Result<()> {
     Ok(())
 }
 
-/// Removes the links `link_mounts` made (only links: never files a user put there).
+/// Removes the links `link_mounts` made, and the empty folders a sandbox's mounts used
+/// as mount points (only those: never files a user put there, never a folder with
+/// anything in it).
 pub(crate) fn unlink_mounts(work: &Path, mounts: &[Mount]) {
     for m in mounts {
         let Some(link) = mount_link(work, &m.mount_path) else {
             continue;
         };
-        if std::fs::symlink_metadata(&link).is_ok_and(|meta| meta.file_type().is_symlink())
-            && let Err(e) = std::fs::remove_file(&link)
-        {
+        let removed = match std::fs::symlink_metadata(&link) {
+            Ok(meta) if meta.file_type().is_symlink() => std::fs::remove_file(&link),
+            // Fails, harmlessly, unless the folder is empty.
+            Ok(meta) if meta.is_dir() => std::fs::remove_dir(&link).or(Ok(())),
+            _ => Ok(()),
+        };
+        if let Err(e) = removed {
             tracing::warn!(error = %e, link = %link.display(), "could not remove a mount link");
         }
     }

@@ -238,14 +238,16 @@ impl Servers {
             Some(req) => Some(self.cluster.reserve(holder, req, quota.gpus, now_ms())?),
             None => None,
         };
+        let devices = reservation
+            .as_ref()
+            .map(|r| r.devices.clone())
+            .unwrap_or_default();
         let spec = ServerSpec {
             owner: user.to_owned(),
             name: plan.name.clone(),
             node: reservation.as_ref().map(|r| r.node.clone()),
-            devices: reservation
-                .as_ref()
-                .map(|r| r.devices.clone())
-                .unwrap_or_default(),
+            addresses: self.cluster.inventory().addresses(&devices),
+            devices,
             cpu_millis: plan.cpu_millis,
             memory_bytes: plan.memory_bytes,
             image: plan.image.clone(),
@@ -410,6 +412,11 @@ impl Servers {
             )
             .await?;
         Ok(true)
+    }
+
+    /// How servers are kept apart on this deployment.
+    pub fn isolation(&self) -> kcloud_core::isolation::Isolation {
+        self.provisioner.isolation()
     }
 
     /// Lets `caller` open a server in the browser: the owner, or an admin who confirmed
