@@ -167,20 +167,17 @@ impl Drop for TestApp {
         if self.keep_servers {
             return;
         }
-        // A test that failed half-way must not leave servers running.
-        let servers = self
+        // A test that failed half-way must not leave servers running (sandboxed ones
+        // are in sessions of their own: found by their tag).
+        let ids: Vec<String> = self
             .state
             .servers
             .list(&Caller::system(), None)
-            .unwrap_or_default();
-        for server in servers {
-            if let Some(pid) = server
-                .pid
-                .and_then(|p| rustix::process::Pid::from_raw(p as i32))
-            {
-                let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
-            }
-        }
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        kcloud_testkit::process::kill_servers(&ids);
     }
 }
 

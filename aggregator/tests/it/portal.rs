@@ -301,4 +301,13 @@ async fn a_servers_page_cannot_act_as_whoever_opens_it() {
     )
     .await;
     assert_eq!(volumes, json!([]), "no volume made as mallory");
+    let (status, _) = api(
+        &base,
+        reqwest::Method::DELETE,
+        "/api/v1/users/mallory/servers/evil",
+        &mallory,
+        None,
+    )
+    .await;
+    assert_eq!(status, reqwest::StatusCode::NO_CONTENT);
 }

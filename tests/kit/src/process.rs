@@ -189,3 +189,27 @@ impl AggregatorProcess {
         c.wait().expect("wait");
     }
 }
+
+/// SIGKILLs every live process of these servers (by the `KCLOUD_SERVER_ID` every
+/// server process carries, sandboxed or not): what a test that ends half-way leaves
+/// must not keep running.
+pub fn kill_servers(ids: &[String]) {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        let tagged = env.split(|b| *b == 0).any(|kv| {
+            kv.strip_prefix(b"KCLOUD_SERVER_ID=")
+                .is_some_and(|id| ids.iter().any(|i| i.as_bytes() == id))
+        });
+        if tagged && let Some(p) = rustix::process::Pid::from_raw(pid) {
+            let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+        }
+    }
+}
