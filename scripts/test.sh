@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
+need_more=()
 command -v cc >/dev/null || need_apt+=(gcc libc6-dev)
 command -v prometheus >/dev/null || need_apt+=(prometheus)
 command -v promtool >/dev/null || need_apt+=(prometheus)
@@ -68,6 +69,20 @@ if [ ! -d tests/browser/node_modules/playwright-core ]; then
   echo "==> installing: playwright-core (npm ci in tests/browser)"
   (cd tests/browser && npm ci --no-audit --no-fund --silent)
 fi
+
+# The cluster-shape tests' control plane (kube-apiserver, controller-manager, scheduler
+# and etcd, built from the Go module proxy; cached by version) and helm.
+command -v ip >/dev/null || need_more+=(iproute2)
+command -v openssl >/dev/null || need_more+=(openssl)
+if ((${#need_more[@]})); then
+  echo "==> installing: ${need_more[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need_more[@]}" >/dev/null
+fi
+command -v go >/dev/null || { echo "go (1.26) is needed to build the control plane" >&2; exit 1; }
+./scripts/cluster-build.sh >/dev/null
+./scripts/install-helm.sh >/dev/null
 
 # cargo-nextest: the test groups that keep one JupyterLab at a time need it.
 if ! cargo nextest --version >/dev/null 2>&1; then

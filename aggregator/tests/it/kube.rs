@@ -562,6 +562,16 @@ fn status_and_reasons_from_pods() {
             "2026-01-01T00:00:00Z".parse().unwrap(),
         ));
     assert_eq!(observe(&deleting).status, ServerStatus::Stopping);
+
+    // The pod garbage collector removes the pods of a node that is gone: the server
+    // ended with its machine (also while the deletion is under way).
+    let mut gone = pod_with_status(json!({"phase": "Running", "podIP": "10.1.2.3",
+        "conditions": [{"type": "DisruptionTarget", "status": "True", "reason": "DeletionByPodGC",
+            "message": "PodGC: node no longer exists"}]}));
+    gone.metadata.deletion_timestamp = deleting.metadata.deletion_timestamp.clone();
+    let o = observe(&gone);
+    assert_eq!(o.status, ServerStatus::Failed);
+    assert!(o.reason.unwrap().starts_with("NodeLost"));
 }
 
 // ---------------------------------------------------------------------------------
@@ -739,7 +749,14 @@ async fn forbidden_claim_rolls_back_pod_and_secret() {
         let (body, _, reply) = fake.expect(Method::POST, SECRETS).await;
         created(reply, body, "uid-2");
         let (_, _, reply) = fake.expect(Method::POST, CLAIMS).await;
-        fail(reply, 403, "Forbidden");
+        // What RBAC answers (admission refusals read differently).
+        respond(
+            reply,
+            StatusCode::FORBIDDEN,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 403,
+                   "reason": "Forbidden",
+                   "message": "resourceclaims.resource.k8s.io is forbidden: User \"system:serviceaccount:kcloud:kcloud-aggregator\" cannot create resource \"resourceclaims\" in API group \"resource.k8s.io\" in the namespace \"kcloud\""}),
+        );
         let (_, _, reply) = fake.expect(Method::DELETE, &at(PODS, &pod)).await;
         respond(reply, StatusCode::OK, pod_json(&pod, "uid-1", json!({})));
         let (_, _, reply) = fake

@@ -4,6 +4,7 @@
 mod app;
 
 mod api;
+mod cluster;
 mod events;
 mod faults;
 mod kube;

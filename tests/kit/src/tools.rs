@@ -9,6 +9,14 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
+/// `n` distinct free loopback ports (held together while chosen, so none repeats).
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().expect("local addr").port())
+}
+
 /// The path of a tool a test needs. A missing tool fails the test: `scripts/test.sh`
 /// installs it; it is never silently skipped.
 pub fn require_tool(name: &str) -> PathBuf {

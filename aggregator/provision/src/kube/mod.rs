@@ -925,10 +925,19 @@ fn api_error(what: &str, e: kube::Error) -> Error {
         kube::Error::Api(s) if s.code == 400 || s.code == 422 => {
             Error::BadRequest(format!("{what}: the cluster refused it: {}", s.message))
         }
-        kube::Error::Api(s) if s.code == 403 => {
+        // RBAC says who may not do what; an admission plugin (PodSecurity, a missing
+        // ServiceAccount, a policy) says what is wrong with the object.
+        kube::Error::Api(s) if s.code == 403 && s.message.contains(" cannot ") => {
             tracing::error!(what, message = %s.message, "the Kubernetes API refused the aggregator (RBAC)");
             Error::Unavailable(format!(
                 "{what}: the cluster does not allow it (the aggregator's RBAC)"
+            ))
+        }
+        kube::Error::Api(s) if s.code == 403 => {
+            tracing::error!(what, message = %s.message, "the cluster's admission refused a request");
+            Error::Unavailable(format!(
+                "{what}: the cluster's admission refused it: {}",
+                s.message
             ))
         }
         _ => {

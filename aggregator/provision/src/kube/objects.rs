@@ -617,6 +617,24 @@ pub fn observe(pod: &Pod) -> Observed {
         stop,
         ip: None,
     };
+    let gone_node = pod
+        .status
+        .iter()
+        .flat_map(|s| s.conditions.iter().flatten())
+        .any(|c| {
+            c.type_ == "DisruptionTarget"
+                && c.status == "True"
+                && c.reason.as_deref() == Some("DeletionByPodGC")
+        });
+    if gone_node {
+        // The pod garbage collector removes pods of nodes that no longer exist: the
+        // server ended with its machine.
+        return ob(
+            ServerStatus::Failed,
+            Some("NodeLost: its node is gone from the cluster".into()),
+            false,
+        );
+    }
     if pod.metadata.deletion_timestamp.is_some() {
         return ob(ServerStatus::Stopping, None, false);
     }
