@@ -19,6 +19,11 @@ pub struct Config {
     #[arg(long, env = "KCLOUD_NODE_NAME")]
     pub node_name: Option<String>,
 
+    /// The node group this node belongs to (a rack, a pool, a machine type), shown in
+    /// the aggregator's fleet summary: letters, digits and '-', at most 63.
+    #[arg(long, env = "KCLOUD_NODE_GROUP")]
+    pub node_group: Option<String>,
+
     /// Address for /metrics, /healthz, /readyz and /inventory.
     #[arg(long, env = "KCLOUD_LISTEN", default_value = "0.0.0.0:9400")]
     pub listen: SocketAddr,
@@ -74,6 +79,7 @@ pub enum GpuMode {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub node_name: String,
+    pub node_group: Option<String>,
     pub listen: SocketAddr,
     pub interval: Duration,
     pub gpus: GpuMode,
@@ -99,6 +105,13 @@ impl Config {
         if self.interval < Duration::from_millis(100) {
             return Err(Error::Config("--interval must be at least 100ms".into()));
         }
+        if let Some(g) = &self.node_group
+            && !valid_group(g)
+        {
+            return Err(Error::Config(format!(
+                "--node-group {g:?}: letters, digits and '-', 1 to 63 characters"
+            )));
+        }
         if self.heartbeat < Duration::from_secs(1) {
             return Err(Error::Config("--heartbeat must be at least 1s".into()));
         }
@@ -118,6 +131,7 @@ impl Config {
         };
         Ok(Settings {
             node_name,
+            node_group: self.node_group.clone(),
             listen: self.listen,
             interval: self.interval,
             gpus,
@@ -126,6 +140,11 @@ impl Config {
             heartbeat: self.heartbeat,
         })
     }
+}
+
+/// A node group name: what the aggregator accepts too.
+fn valid_group(g: &str) -> bool {
+    (1..=63).contains(&g.len()) && g.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
 /// This host's name, lower-cased as Kubernetes node names are.

@@ -76,7 +76,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         settings.node_name.clone(),
         settings.interval,
         metrics.clone(),
-    )?;
+    )?
+    .with_group(settings.node_group.clone());
     let collecting = tokio::spawn(collector.run(tx, shutdown.clone()));
 
     let pushing = match &settings.aggregator_url {

@@ -229,6 +229,7 @@ pub async fn build_with(config: &Config, kube_client: Option<kube::Client>) -> R
         trusted_proxies: config.trusted_proxies.clone().into(),
         prometheus,
         upstream: http_client(),
+        feed: Default::default(),
     };
     let (router, _) = kcloud_http::router(state.clone());
     Ok(App {

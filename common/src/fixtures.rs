@@ -71,6 +71,7 @@ pub fn node(name: &str, gpus: Vec<Gpu>) -> NodeInventory {
         agent_version: "0.1.0".into(),
         collected_at_ms: T0,
         simulated: true,
+        group: None,
         nvml: NvmlStatus {
             up: true,
             driver_version: Some("550.54.15".into()),

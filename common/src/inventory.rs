@@ -21,6 +21,10 @@ pub struct NodeInventory {
     /// True when the GPUs are simulated (`--simulate`), never real hardware.
     #[serde(default)]
     pub simulated: bool,
+    /// The node group it belongs to (`--node-group`: a rack, a pool, a machine type),
+    /// for the fleet view's summary; absent when not set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
     pub nvml: NvmlStatus,
     pub host: HostInfo,
     #[serde(default)]
@@ -230,6 +234,7 @@ mod tests {
             agent_version: "0".into(),
             collected_at_ms: 0,
             simulated: false,
+            group: None,
             nvml: NvmlStatus::default(),
             host: HostInfo::default(),
             gpus: vec![

@@ -52,6 +52,7 @@ pub struct Collector {
     source: Box<dyn GpuSource>,
     host: HostCollector,
     node: String,
+    group: Option<String>,
     boot_id: String,
     seq: u64,
     interval: Duration,
@@ -69,11 +70,18 @@ impl Collector {
             source,
             host: HostCollector::new()?,
             node,
+            group: None,
             boot_id: uuid::Uuid::new_v4().to_string(),
             seq: 0,
             interval,
             metrics,
         })
+    }
+
+    /// Reports the node as part of `group` (`--node-group`).
+    pub fn with_group(mut self, group: Option<String>) -> Self {
+        self.group = group;
+        self
     }
 
     /// Reads everything once and returns the snapshot (blocking).
@@ -91,6 +99,7 @@ impl Collector {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
             simulated: self.source.simulated(),
+            group: self.group.clone(),
             nvml: reading.nvml,
             host,
             gpus: reading.gpus,

@@ -181,6 +181,7 @@ fn dgx_a100_mig(n: u32, now_ms: u64) -> NodeInventory {
         agent_version: "0.1.0".into(),
         collected_at_ms: now_ms,
         simulated: true,
+        group: None,
         nvml: NvmlStatus {
             up: true,
             driver_version: Some("550.54.15".into()),

@@ -51,6 +51,9 @@ pub const MAX_PAGE: usize = 1000;
 /// Layout changes remembered for the ledger's incremental refresh; a ledger further
 /// behind than this rebuilds its free counts from scratch.
 const JOURNAL_CAP: usize = 8192;
+/// Stored pushes remembered for live views ([`Inventory::changes_since`]); a view
+/// further behind than this starts over from a snapshot.
+const PUSH_JOURNAL_CAP: usize = 1 << 16;
 
 /// Tells ledgers apart, so one never trusts counts built against another inventory.
 static NEXT_INVENTORY_ID: AtomicU64 = AtomicU64::new(1);
@@ -187,6 +190,9 @@ pub struct NodeView {
     pub last_seen_ms: u64,
     pub age_seconds: u64,
     pub simulated: bool,
+    /// The node group its agent reports (`--node-group`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
     pub agent_version: String,
     pub nvml_up: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -196,6 +202,46 @@ pub struct NodeView {
     /// Physical GPUs reported.
     pub gpus: u32,
     /// Allocatable-kind devices (whole non-MIG GPUs and MIG instances).
+    pub devices_total: u32,
+    pub devices_free: u32,
+}
+
+/// Nodes pushed to, each once, with whether its device layout changed.
+pub type Pushed = Vec<(Arc<str>, bool)>;
+
+/// One node in a line, for a fleet list: what to filter and sort by.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct NodeRow {
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Models of its GPUs, each once.
+    pub models: Vec<String>,
+    pub gpus: u32,
+    pub devices_total: u32,
+    pub devices_free: u32,
+    pub stale: bool,
+    pub simulated: bool,
+}
+
+/// The fleet at a glance: node counts, and free and total devices per model and MIG
+/// profile, and per node group.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct FleetSummary {
+    pub nodes: u32,
+    pub stale: u32,
+    pub devices_total: u32,
+    pub devices_free: u32,
+    pub classes: Vec<Availability>,
+    pub groups: Vec<GroupSummary>,
+}
+
+/// One node group's share of the fleet (nodes without a group are `""`).
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct GroupSummary {
+    pub group: String,
+    pub nodes: u32,
+    pub stale: u32,
     pub devices_total: u32,
     pub devices_free: u32,
 }
@@ -359,6 +405,10 @@ pub(crate) struct InvState {
     pub(crate) layout_gen: u64,
     /// `(layout_gen after the change, node)`, oldest first.
     journal: VecDeque<(u64, Arc<str>)>,
+    /// Bumped once per stored push.
+    push_gen: u64,
+    /// `(push_gen after the push, node, its layout changed)`, oldest first.
+    pushes: VecDeque<(u64, Arc<str>, bool)>,
 }
 
 impl InvState {
@@ -446,6 +496,14 @@ impl InvState {
                 .filter(move |(g, _)| *g > generation)
                 .map(|(_, n)| n),
         )
+    }
+
+    fn record_push(&mut self, node: Arc<str>, layout: bool) {
+        self.push_gen += 1;
+        if self.pushes.len() == PUSH_JOURNAL_CAP {
+            self.pushes.pop_front();
+        }
+        self.pushes.push_back((self.push_gen, node, layout));
     }
 
     fn journal(&mut self, node: Arc<str>) {
@@ -655,6 +713,8 @@ impl Inventory {
                 profiles: Interner::default(),
                 layout_gen: 0,
                 journal: VecDeque::new(),
+                push_gen: 0,
+                pushes: VecDeque::new(),
             }),
             changed: Default::default(),
         }
@@ -683,7 +743,10 @@ impl Inventory {
         validate(path_node, &inv)?;
         let mut guard = self.write();
         let st = &mut *guard;
-        if let Some(e) = st.nodes.get_mut(path_node) {
+        let name = st.nodes.get_key_value(path_node).map(|(k, _)| k.clone());
+        if let Some(name) = name
+            && let Some(e) = st.nodes.get_mut(path_node)
+        {
             if !supersedes(&e.snap, &inv) {
                 return Ok(Ingested::IgnoredOlder);
             }
@@ -691,6 +754,7 @@ impl Inventory {
                 // The common heartbeat: the index stays as it is.
                 let old = std::mem::replace(&mut e.snap, inv);
                 e.received_at_ms = now_ms;
+                st.record_push(name, false);
                 drop(guard);
                 drop(old); // freed outside the lock
                 self.changed.notify();
@@ -710,9 +774,66 @@ impl Inventory {
         }
         tracing::debug!(node = path_node, "device layout changed");
         st.replace_layout(path_node, inv, now_ms);
+        let name = st
+            .nodes
+            .get_key_value(path_node)
+            .map_or_else(|| path_node.into(), |(k, _)| k.clone());
+        st.record_push(name, true);
         drop(guard);
         self.changed.notify();
         Ok(Ingested::Stored)
+    }
+
+    /// The nodes pushed to after push generation `since`, each once with whether its
+    /// layout changed, and the current generation. `None` for the nodes when the
+    /// journal no longer reaches back that far (a live view then starts over).
+    pub fn changes_since(&self, since: u64) -> (u64, Option<Pushed>) {
+        let st = self.read();
+        let now = st.push_gen;
+        if since > now {
+            return (now, None);
+        }
+        let complete = since == now || st.pushes.front().is_some_and(|&(g, _, _)| g <= since + 1);
+        if !complete {
+            return (now, None);
+        }
+        let mut out: Vec<(Arc<str>, bool)> = Vec::new();
+        let mut at: HashMap<&str, usize> = HashMap::new();
+        for (_, node, layout) in st.pushes.iter().filter(|(g, _, _)| *g > since) {
+            match at.get(&**node) {
+                Some(&i) => out[i].1 |= *layout,
+                None => {
+                    at.insert(node, out.len());
+                    out.push((node.clone(), *layout));
+                }
+            }
+        }
+        (now, Some(out))
+    }
+
+    /// The current push generation (see [`Inventory::changes_since`]).
+    pub fn push_generation(&self) -> u64 {
+        self.read().push_gen
+    }
+
+    /// Every node's name, in order.
+    pub fn node_names(&self) -> Vec<Arc<str>> {
+        self.read().nodes.keys().cloned().collect()
+    }
+
+    /// The nodes that are stale now.
+    pub fn stale_nodes(&self, now_ms: u64) -> Vec<Arc<str>> {
+        let st = self.read();
+        st.nodes
+            .iter()
+            .filter(|(_, e)| !st.is_fresh(e, now_ms))
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// The node a device is listed on.
+    pub fn node_of(&self, uuid: &str) -> Option<Arc<str>> {
+        self.read().device(uuid).map(|(k, _)| k.node.clone())
     }
 
     /// Fresh and stale nodes, listed devices, oldest snapshot age: for `/metrics`.
@@ -835,6 +956,14 @@ fn validate(path_node: &str, inv: &NodeInventory) -> Result<()> {
     }
     if inv.seq == 0 {
         return Err(bad("seq: must be at least 1".into()));
+    }
+    if let Some(g) = &inv.group
+        && !((1..=63).contains(&g.len())
+            && g.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+    {
+        return Err(bad(
+            "group: letters, digits and '-', 1 to 63 characters".into()
+        ));
     }
     if inv.boot_id.is_empty() {
         return Err(bad("boot_id: must not be empty".into()));
@@ -1069,6 +1198,8 @@ mod tests {
         let cases: Vec<(&str, Mutation)> = vec![
             ("node", Box::new(|i| i.node = "other".into())),
             ("seq", Box::new(|i| i.seq = 0)),
+            ("group", Box::new(|i| i.group = Some("rack a".into()))),
+            ("group", Box::new(|i| i.group = Some(String::new()))),
             ("boot_id", Box::new(|i| i.boot_id.clear())),
             ("boot_id", {
                 let l = long.clone();

@@ -19,7 +19,8 @@ use kcloud_core::Result;
 use kcloud_core::device::{DeviceRequest, Holder};
 
 use crate::inventory::{
-    Availability, DeviceQuery, DeviceView, Ingested, Inventory, NodeCounts, NodeView, Page,
+    Availability, DeviceQuery, DeviceView, FleetSummary, Ingested, Inventory, NodeCounts, NodeRow,
+    NodeView, Page,
 };
 use crate::ledger::{Ledger, Reservation};
 
@@ -67,6 +68,21 @@ impl Cluster {
 
     pub fn summary(&self, q: &DeviceQuery, now_ms: u64) -> Vec<Availability> {
         self.inventory.summary(q, &self.ledger, now_ms)
+    }
+
+    /// A node's line for a fleet list.
+    pub fn row(&self, name: &str, now_ms: u64) -> Option<NodeRow> {
+        self.inventory.row(name, &self.ledger, now_ms)
+    }
+
+    /// Every node's line, by name.
+    pub fn rows(&self, now_ms: u64) -> Vec<NodeRow> {
+        self.inventory.rows(&self.ledger, now_ms)
+    }
+
+    /// Node counts and free devices per model, profile and node group.
+    pub fn fleet(&self, now_ms: u64) -> FleetSummary {
+        self.inventory.fleet(&self.ledger, now_ms)
     }
 
     pub fn counts(&self, now_ms: u64) -> NodeCounts {

@@ -2,6 +2,7 @@
 //! counts, pages of devices with availability and holders, the availability summary.
 //! Each takes the inventory's read lock first, then the ledger's mutex.
 
+use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::Arc;
 
@@ -9,8 +10,8 @@ use kcloud_common::inventory::DeviceKind;
 use kcloud_core::Result;
 
 use crate::inventory::{
-    Availability, Class, DevKey, DeviceQuery, DeviceView, InvState, Inventory, MAX_PAGE, NodeEntry,
-    NodeView, Page,
+    Availability, Class, DevKey, DeviceQuery, DeviceView, FleetSummary, GroupSummary, InvState,
+    Inventory, MAX_PAGE, NodeEntry, NodeRow, NodeView, Page,
 };
 use crate::ledger::{Ledger, LedgerState};
 
@@ -205,6 +206,91 @@ impl Inventory {
     }
 }
 
+impl Inventory {
+    /// A node's line for a fleet list; `None` when it is not listed.
+    pub fn row(&self, name: &str, ledger: &Ledger, now_ms: u64) -> Option<NodeRow> {
+        let st = self.read();
+        let (name, e) = st.nodes.get_key_value(name)?;
+        let mut lg = ledger.state();
+        lg.sync(&st);
+        Some(row(&st, name, e, &lg, now_ms))
+    }
+
+    /// Every node's line, in name order.
+    pub fn rows(&self, ledger: &Ledger, now_ms: u64) -> Vec<NodeRow> {
+        let st = self.read();
+        let mut lg = ledger.state();
+        lg.sync(&st);
+        st.nodes
+            .iter()
+            .map(|(name, e)| row(&st, name, e, &lg, now_ms))
+            .collect()
+    }
+
+    /// The fleet summary: the per-model/profile availability of [`Inventory::summary`]
+    /// and counts per node group.
+    pub fn fleet(&self, ledger: &Ledger, now_ms: u64) -> FleetSummary {
+        let classes = self.summary(&DeviceQuery::default(), ledger, now_ms);
+        let st = self.read();
+        let mut lg = ledger.state();
+        lg.sync(&st);
+        let ready = lg.ready();
+        let mut groups: BTreeMap<&str, GroupSummary> = BTreeMap::new();
+        let (mut stale, mut total, mut free) = (0, 0, 0);
+        for (name, e) in &st.nodes {
+            let fresh = st.is_fresh(e, now_ms);
+            let (t, f) = lg
+                .node_counts(name)
+                .iter()
+                .fold((0, 0), |(t, f), c| (t + c.total, f + c.free));
+            let f = if fresh && ready { f } else { 0 };
+            let key = e.snap.group.as_deref().unwrap_or("");
+            let g = groups.entry(key).or_insert_with(|| GroupSummary {
+                group: key.to_owned(),
+                nodes: 0,
+                stale: 0,
+                devices_total: 0,
+                devices_free: 0,
+            });
+            g.nodes += 1;
+            g.stale += u32::from(!fresh);
+            g.devices_total += t;
+            g.devices_free += f;
+            stale += u32::from(!fresh);
+            total += t;
+            free += f;
+        }
+        FleetSummary {
+            nodes: st.nodes.len() as u32,
+            stale,
+            devices_total: total,
+            devices_free: free,
+            classes,
+            groups: groups.into_values().collect(),
+        }
+    }
+}
+
+fn row(st: &InvState, name: &str, e: &NodeEntry, lg: &LedgerState, now_ms: u64) -> NodeRow {
+    let v = node_view(st, name, e, lg, now_ms);
+    let mut models: Vec<String> = Vec::new();
+    for g in &e.snap.gpus {
+        if !models.contains(&g.model) {
+            models.push(g.model.clone());
+        }
+    }
+    NodeRow {
+        name: v.name,
+        group: v.group,
+        models,
+        gpus: v.gpus,
+        devices_total: v.devices_total,
+        devices_free: v.devices_free,
+        stale: v.stale,
+        simulated: v.simulated,
+    }
+}
+
 /// A node as the API shows it, with its free and total devices from the ledger.
 fn node_view(st: &InvState, name: &str, e: &NodeEntry, lg: &LedgerState, now_ms: u64) -> NodeView {
     let stale = !st.is_fresh(e, now_ms);
@@ -218,6 +304,7 @@ fn node_view(st: &InvState, name: &str, e: &NodeEntry, lg: &LedgerState, now_ms:
         last_seen_ms: e.received_at_ms,
         age_seconds: now_ms.saturating_sub(e.received_at_ms) / 1000,
         simulated: e.snap.simulated,
+        group: e.snap.group.clone(),
         agent_version: e.snap.agent_version.clone(),
         nvml_up: e.snap.nvml.up,
         driver_version: e.snap.nvml.driver_version.clone(),

@@ -8,8 +8,8 @@
 
 /// Errors as HTTP answers (the one error-to-status mapping).
 pub mod error;
-/// The portal's live stream (`GET /api/v1/events`).
-mod events;
+/// The portal's live stream (`GET /api/v1/events`) and its shared producer.
+pub mod events;
 /// Request extractors: bodies, paths, queries, client address, caller.
 pub mod extract;
 /// The listener and what a request knows of its connection.
@@ -78,6 +78,8 @@ pub struct AppState {
     pub user_origins: Arc<UserOrigins>,
     /// Reverse proxies whose `X-Forwarded-For` (and `-Host`) are believed.
     pub trusted_proxies: Arc<[IpNet]>,
+    /// The live streams' shared producer.
+    pub feed: Arc<events::Feed>,
 }
 
 /// The whole API and its OpenAPI description.
