@@ -89,6 +89,10 @@ try {
   const migSlices = await page.locator('.dev[data-uuid^="MIG-"]').count();
   check(migGpus === 4 && migSlices === 17, `4 MIG GPUs with 17 slices, saw ${migGpus} and ${migSlices}`);
   check(await page.locator('.dev.free').count() === 21, 'every device free at first');
+  // At 1366 pixels every slice shows its whole name (`1g.10gb`, not `g.10g`).
+  const cut = await page.evaluate(() => [...document.querySelectorAll('.dev')]
+    .filter((e) => e.scrollWidth > e.clientWidth).map((e) => e.querySelector('.dev-name').textContent));
+  check(cut.length === 0, `no device label cut, cut: ${cut.join(', ')}`);
   await shot('cluster');
 
   // 4. A non-admin neither sees nor reaches the admin pages, and the API refuses.
@@ -111,6 +115,8 @@ try {
   await create.getByRole('button', { name: 'Create server' }).click();
   await create.locator('.field[data-field="name"] .field-error', { hasText: 'DNS-1123' }).waitFor();
   await create.getByLabel('Name').fill('lab');
+  const nameError = await create.locator('.field[data-field="name"] .field-error').textContent();
+  check(nameError === '', `no stale message under a corrected name, saw "${nameError}"`);
   const slice = create.locator('.dev.free[data-uuid^="MIG-"]').first();
   await slice.waitFor();
   const uuid = await slice.getAttribute('data-uuid');
@@ -173,6 +179,47 @@ try {
   await page.getByRole('link', { name: 'Cluster' }).click();
   await page.locator(`.dev.free[data-uuid="${uuid}"]`).waitFor();
   await shot('slice-free-again');
+
+  // 11. A fleet: 30 more nodes (pushed as their agents would) turn the cluster page
+  // into a summary and a node list drawn a screenful at a time; a node opens with its
+  // GPUs and charts; nodes that stop reporting show up under "stale only".
+  const agentToken = process.env.KCLOUD_AGENT_TOKEN;
+  for (let i = 0; i < 30; i++) {
+    const node = `rack-${String(i).padStart(2, '0')}`;
+    const mem = { total_bytes: 85899345920, used_bytes: 1 << 30, free_bytes: 85899345920 - (1 << 30) };
+    const r = await page.request.put(`${base}/api/v1/nodes/${node}/inventory`, {
+      headers: { Authorization: `Bearer ${agentToken}` },
+      data: {
+        node, boot_id: 'b', seq: 1, agent_version: '0.1.0', collected_at_ms: Date.now(), simulated: true,
+        group: i < 10 ? 'rack-a' : 'rack-b', nvml: { up: true, driver_version: '550.54.15' },
+        host: { hostname: node, cpu_count: 64, cpu_utilization_percent: 10, memory_total_bytes: 2 ** 40,
+          memory_used_bytes: 2 ** 38, load_average: [1, 1, 1], uptime_seconds: 100 },
+        gpus: [0, 1].map((g) => ({ index: g, uuid: `GPU-${node}-${g}`, model: 'NVIDIA H100 80GB HBM3',
+          pci_bus_id: `00000000:0${g}:00.0`, memory: mem, utilization_gpu_percent: 40, mig_mode: { current: false, pending: false } })),
+      },
+    });
+    check(r.ok(), `push ${node}: ${r.status()}`);
+  }
+  // The open page turns into the fleet view by itself.
+  await page.locator('#fleet-summary', { hasText: '31 nodes' }).waitFor();
+  await page.locator('#fleet-summary table.groups', { hasText: 'rack-b' }).waitFor();
+  await page.locator('.fleet-row').first().waitFor();
+  const drawnRows = await page.locator('.fleet-row').count();
+  check(drawnRows > 5 && drawnRows < 31, `only the rows on screen are drawn: ${drawnRows}`);
+  await page.getByPlaceholder('node name contains…').fill('rack-07');
+  await page.locator('#fleet-count', { hasText: '1 of 31 nodes' }).waitFor();
+  await shot('fleet');
+  await page.locator('.fleet-row[data-node="rack-07"]').click();
+  await page.locator('.fleet-detail .gpu').nth(1).waitFor();
+  check(await page.locator('.fleet-detail .gpu').count() === 2, 'the opened node shows its 2 GPUs');
+  check(await page.locator('.fleet-detail figure.chart').count() >= 3, 'charts of the opened node');
+  await shot('fleet-node');
+  await page.getByRole('button', { name: '← All nodes' }).click();
+  await page.getByPlaceholder('node name contains…').fill('');
+  await page.locator('select[name=node-stale]').selectOption('stale');
+  // The pushed nodes stop reporting (the aggregator expects a push a second here).
+  await page.locator('#fleet-count', { hasText: '30 of 31 nodes' }).waitFor({ timeout: 30_000 });
+  await shot('fleet-stale');
 
   check(consoleErrors.length === 0, `no console errors: ${consoleErrors.join(' | ')}`);
   console.log('PORTAL OK');

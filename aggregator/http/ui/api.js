@@ -81,43 +81,76 @@ export const enc = encodeURIComponent;
 // A path of several segments, each encoded, slashes kept.
 export const encPath = (p) => p.split('/').filter(Boolean).map(enc).join('/');
 
-// The live cluster and servers. Emits 'change' with {nodes: bool, servers: bool},
-// at most once per animation frame, so a burst of events costs one render.
+// Fleets up to this many nodes are drawn whole (every node, every device); larger ones
+// as a summary and a node list, with the devices of the nodes looked at.
+export const SMALL_FLEET = 16;
+
+// The live cluster and servers. Emits 'change' with {nodes: Set, servers: bool,
+// rows: bool, summary: bool, reset: bool}, at most once per animation frame, so a
+// burst of events costs one render.
+//
+// The stream follows the fleet summary and every node's line always, and the devices
+// of the nodes in `following` ('*' for all: the mode of small fleets, chosen after the
+// first snapshot).
 export class Live extends EventTarget {
   constructor() {
     super();
     this.nodes = new Map();
+    this.rows = new Map();
+    this.summary = null;
     this.servers = new Map();
     this.synced = false;
-    this.history = new Map(); // uuid or node name -> recent values
-    this.pending = { nodes: new Set(), servers: false, reset: false };
+    this.mode = null; // 'small' | 'fleet', known after the first snapshot
+    this.following = [];
+    this.history = new Map(); // gpu:uuid, mem:uuid or node:name -> recent values
+    this.pending = { nodes: new Set(), servers: false, rows: false, summary: false, reset: false };
     this.frame = 0;
     this.source = null;
     this.closed = false;
   }
 
+  // Follows the devices of `names` (an array, or '*'); reconnects when that changes.
+  follow(names) {
+    const key = (x) => (x === '*' ? '*' : [...x].sort().join(','));
+    if (key(names) === key(this.following)) return;
+    this.following = names === '*' ? '*' : [...names];
+    if (this.source) { this.source.close(); this.start(); }
+  }
+
   start() {
     this.closed = false;
-    const es = new EventSource('/api/v1/events');
+    const nodes = this.following === '*' ? '*' : this.following.map(encodeURIComponent).join(',');
+    const es = new EventSource(`/api/v1/events?summary=true&rows=true&nodes=${nodes}`);
     this.source = es;
     es.addEventListener('reset', (e) => {
       this.hello = JSON.parse(e.data);
       this.nodes.clear();
+      this.rows.clear();
       this.servers.clear();
       this.synced = false;
       this.pending.reset = true;
+      this.schedule();
+    });
+    es.addEventListener('summary', (e) => {
+      this.summary = JSON.parse(e.data);
+      this.pending.summary = true;
+      this.schedule();
+    });
+    es.addEventListener('rows', (e) => {
+      for (const r of JSON.parse(e.data)) this.rows.set(r.name, r);
+      this.pending.rows = true;
+      // A small fleet that grew: from now on, the fleet view (never back: no flapping).
+      if (this.synced && this.mode === 'small' && this.rows.size > SMALL_FLEET) {
+        this.mode = 'fleet';
+        this.follow([]);
+        return;
+      }
       this.schedule();
     });
     es.addEventListener('node', (e) => {
       const n = JSON.parse(e.data);
       this.nodes.set(n.name, n);
       this.record(n);
-      this.pending.nodes.add(n.name);
-      this.schedule();
-    });
-    es.addEventListener('node_removed', (e) => {
-      const n = JSON.parse(e.data);
-      this.nodes.delete(n.name);
       this.pending.nodes.add(n.name);
       this.schedule();
     });
@@ -135,20 +168,33 @@ export class Live extends EventTarget {
     });
     es.addEventListener('synced', () => {
       this.synced = true;
+      if (!this.mode) {
+        this.mode = this.rows.size <= SMALL_FLEET ? 'small' : 'fleet';
+        if (this.mode === 'small') { this.follow('*'); return; }
+      }
       this.pending.reset = true;
       this.schedule();
       this.status('live');
     });
     es.onerror = async () => {
-      if (this.closed) return;
+      if (this.closed || es !== this.source) return;
       this.status('reconnecting…');
       if (es.readyState === EventSource.CLOSED) {
         // Refused (session expired): refresh the session, then follow again.
         const ok = await refreshSession();
         if (!ok) { window.dispatchEvent(new Event('kcloud:signedout')); return; }
-        setTimeout(() => { if (!this.closed) this.start(); }, 500);
+        setTimeout(() => { if (!this.closed && es === this.source) this.start(); }, 500);
       }
     };
+  }
+
+  // Models and MIG profiles on the fleet, from the summary.
+  models() {
+    return [...new Set((this.summary?.classes || []).map((c) => c.model))].sort();
+  }
+
+  profiles() {
+    return [...new Set((this.summary?.classes || []).filter((c) => c.profile).map((c) => c.profile))].sort();
   }
 
   stop() {
@@ -175,6 +221,7 @@ export class Live extends EventTarget {
     push(`node:${n.name}`, cpu === undefined || cpu === null ? undefined : cpu * 100);
     for (const d of n.devices) {
       if (d.kind === 'gpu') push(`gpu:${d.uuid}`, d.utilization_gpu_percent);
+      if (d.memory_total_bytes) push(`mem:${d.uuid}`, (100 * d.memory_used_bytes) / d.memory_total_bytes);
     }
   }
 
@@ -182,8 +229,8 @@ export class Live extends EventTarget {
     if (this.frame) return;
     this.frame = requestAnimationFrame(() => {
       this.frame = 0;
-      const detail = { nodes: this.pending.nodes, servers: this.pending.servers, reset: this.pending.reset };
-      this.pending = { nodes: new Set(), servers: false, reset: false };
+      const detail = this.pending;
+      this.pending = { nodes: new Set(), servers: false, rows: false, summary: false, reset: false };
       this.dispatchEvent(new CustomEvent('change', { detail }));
     });
   }

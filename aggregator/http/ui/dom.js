@@ -8,6 +8,8 @@ export function h(tag, attrs, ...children) {
     if (k.startsWith('on')) el.addEventListener(k.slice(2), v);
     else if (k === 'class') el.className = v;
     else if (k === 'dataset') Object.assign(el.dataset, v);
+    // Through the CSSOM: the CSP refuses style attributes.
+    else if (k === 'style') Object.assign(el.style, v);
     else if (v === true) el.setAttribute(k, '');
     else el.setAttribute(k, String(v));
   }
@@ -50,15 +52,40 @@ export function age(ms) {
 }
 
 // A sparkline of recent values (0..max) as a small inline SVG.
-export function sparkline(values, max, label) {
+export function sparkline(values, max, label, kind = '') {
   const w = 80, ht = 20;
-  const s = svg('svg', { width: w, height: ht, viewBox: `0 0 ${w} ${ht}`, class: 'spark', role: 'img', 'aria-label': label });
+  const s = svg('svg', { width: w, height: ht, viewBox: `0 0 ${w} ${ht}`, class: `spark ${kind}`, role: 'img', 'aria-label': label });
   if (values.length > 1) {
     const step = w / (values.length - 1);
     const pts = values.map((v, i) => `${(i * step).toFixed(1)},${(ht - 1 - (Math.min(v, max) / max) * (ht - 2)).toFixed(1)}`);
     s.append(svg('polyline', { points: pts.join(' '), fill: 'none', stroke: 'currentColor', 'stroke-width': 1.5 }));
   }
   return s;
+}
+
+// A small line chart of values (0..max), oldest first: the area under the line, the
+// scale and the latest value. Drawn as SVG by hand: a few dozen points need no
+// charting library, and nothing is loaded from elsewhere.
+export function chart(values, max, label) {
+  const w = 260, ht = 70, pad = 2;
+  const last = values.length ? values[values.length - 1] : null;
+  const box = h('figure', { class: 'chart' },
+    h('figcaption', {}, label, h('span', { class: 'chart-last' }, last === null ? ' –' : ` ${Math.round(last)}`)));
+  const s = svg('svg', { width: w, height: ht, viewBox: `0 0 ${w} ${ht}`, role: 'img', 'aria-label': `${label}: ${values.length} samples, latest ${last === null ? 'none' : Math.round(last)}` });
+  s.append(svg('line', { x1: 0, y1: ht - pad, x2: w, y2: ht - pad, class: 'axis' }));
+  if (values.length > 1) {
+    const step = w / (values.length - 1);
+    const y = (v) => (ht - pad - (Math.max(0, Math.min(v, max)) / max) * (ht - 2 * pad)).toFixed(1);
+    const pts = values.map((v, i) => `${(i * step).toFixed(1)},${y(v)}`);
+    s.append(svg('polygon', { points: `0,${ht - pad} ${pts.join(' ')} ${w},${ht - pad}`, class: 'area' }));
+    s.append(svg('polyline', { points: pts.join(' '), class: 'line' }));
+  } else {
+    const t = svg('text', { x: w / 2, y: ht / 2, 'text-anchor': 'middle', class: 'empty' });
+    t.textContent = 'collecting…';
+    s.append(t);
+  }
+  box.append(s);
+  return box;
 }
 
 let toastTimer;
@@ -90,6 +117,8 @@ export function field(label, input, hint) {
   input.id = id;
   const err = h('span', { class: 'field-error', id: `${id}-err`, role: 'alert' });
   input.setAttribute('aria-describedby', `${id}-err`);
+  // A message about the old value must not stay under a corrected one.
+  input.addEventListener('input', () => { err.textContent = ''; });
   return h('div', { class: 'field', dataset: { field: input.name || '' } },
     h('label', { for: id }, label), input, hint ? h('small', { class: 'muted' }, hint) : null, err);
 }

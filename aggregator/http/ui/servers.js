@@ -1,6 +1,6 @@
 // New server form and the server lists (mine; everyone's for admins).
 import { api, enc, ApiError } from './api.js';
-import { h, bytes, age, toast, confirmDialog, field, showError } from './dom.js';
+import { h, bytes, age, toast, confirmDialog, field, showError, chart } from './dom.js';
 import { clusterView } from './cluster.js';
 
 // Which form control an API error concerns, from its message.
@@ -50,20 +50,24 @@ export async function newServerPage(ctx) {
     h('option', { value: 'mig' }, 'Any one MIG instance of a profile'),
     h('option', { value: 'none' }, 'No GPU'));
   const count = h('input', { name: 'count', type: 'number', min: 1, max: 64, value: 1 });
-  const models = () => [...new Set([...live.nodes.values()].flatMap((n) => n.devices.map((d) => d.model)))].sort();
-  const profiles = () => [...new Set([...live.nodes.values()].flatMap((n) => n.devices.filter((d) => d.kind === 'mig').map((d) => d.profile)))].sort();
+  const models = () => live.models();
+  const profiles = () => live.profiles();
   const model = h('select', { name: 'model' }, h('option', { value: '' }, 'any model'), models().map((m) => h('option', { value: m }, m)));
   const migProfile = h('select', { name: 'mig_profile' }, profiles().map((p) => h('option', { value: p }, p)));
   const pickedText = h('p', { class: 'picked-list', id: 'picked', 'aria-live': 'polite' }, 'Nothing picked: click free GPUs or MIG slices below.');
   const devicesField = h('input', { name: 'devices', type: 'hidden' });
+  // What each picked device is, kept at pick time: on a large fleet its node may no
+  // longer be followed when the list is written.
+  const pickedLabel = new Map();
   const picker = clusterView(live, {
     me: me.user.name,
     admin: me.user.role === 'admin',
     picked,
     onPick: (d) => {
       if (picked.has(d.uuid)) picked.delete(d.uuid); else picked.add(d.uuid);
+      pickedLabel.set(d.uuid, `${d.node} GPU ${d.index}${d.profile ? ` ${d.profile}` : ''}`);
       pickedText.textContent = picked.size
-        ? `Picked: ${[...picked].map((u) => { const x = live.device(u); return x ? `${x.node} GPU ${x.index}${x.profile ? ` ${x.profile}` : ''}` : u; }).join(', ')}`
+        ? `Picked: ${[...picked].map((u) => pickedLabel.get(u) || u).join(', ')}`
         : 'Nothing picked: click free GPUs or MIG slices below.';
       picker.refresh();
     },
@@ -230,6 +234,7 @@ function serverCard(s, ctx, showOwner) {
     const d = ctx.live.device(u);
     return d ? `${d.node} GPU ${d.index}${d.profile ? ` ${d.profile}` : ''}` : u;
   });
+  const charts = h('div', { class: 'charts server-charts', hidden: !s.devices.length });
   return h('article', { class: `server ${s.status}`, dataset: { server: s.name, owner: s.owner, status: s.status } },
     h('header', { class: 'server-head' },
       h('h3', {}, showOwner ? `${s.owner}/${s.name}` : s.name),
@@ -243,12 +248,30 @@ function serverCard(s, ctx, showOwner) {
       s.volumes && s.volumes.length ? [h('dt', {}, 'Volumes'), h('dd', {}, s.volumes.map((v) => `${v.volume || v.share} → ${v.mount_path}`).join(', '))] : null,
       h('dt', {}, 'Age'), h('dd', {}, age(s.created_at_ms)),
       h('dt', {}, 'Last activity'), h('dd', {}, `${age(s.last_activity_ms)} ago`)),
+    charts,
     h('div', { class: 'row actions' },
       openControl(s, ctx),
       h('button', { type: 'button', onclick: toggleLogs }, 'Logs'),
       h('button', { type: 'button', onclick: toggleEvents }, 'Events'),
       h('button', { type: 'button', class: 'danger', onclick: del, 'aria-label': `Delete ${s.name}` }, 'Delete')),
     logs, events);
+}
+
+// A server's GPUs over time (since the page opened): utilization and memory of each
+// whole GPU; a MIG slice shows its own memory and its GPU's utilization (NVML has no
+// per-slice utilization).
+function serverCharts(s, live) {
+  const out = [];
+  for (const u of s.devices) {
+    const d = live.device(u);
+    if (!d) continue;
+    const gpu = d.parent_uuid || d.uuid;
+    const util = (live.history.get(`gpu:${gpu}`) || []).map((x) => x.v);
+    const mem = (live.history.get(`mem:${u}`) || []).map((x) => x.v);
+    const what = d.profile ? `GPU ${d.index} ${d.profile}` : `GPU ${d.index}`;
+    out.push(chart(util, 100, `${what} utilization %${d.profile ? ' (whole GPU)' : ''}`), chart(mem, 100, `${what} memory used %`));
+  }
+  return out;
 }
 
 // A live list of servers: `filter` picks which (mine, or all for admins).
@@ -268,10 +291,21 @@ export function serverList(ctx, filter, showOwner) {
       return card;
     });
     box.replaceChildren(...(cards.length ? cards : [h('p', { class: 'muted' }, 'No servers.')]));
+    // On a large fleet, follow the nodes these servers run on (for their charts).
+    if (ctx.live.mode === 'fleet') ctx.live.follow([...new Set(list.map((x) => x.node).filter(Boolean))].slice(0, 100));
+    drawCharts();
+  };
+  const drawCharts = () => {
+    for (const card of box.querySelectorAll('article.server')) {
+      const s = ctx.live.servers.get(`${card.dataset.owner}/${card.dataset.server}`);
+      const slot = card.querySelector('.server-charts');
+      if (s && slot && !slot.hidden) slot.replaceChildren(...serverCharts(s, ctx.live));
+    }
   };
   const onChange = (e) => {
     if (!box.isConnected) { ctx.live.removeEventListener('change', onChange); return; }
     if (e.detail.servers || e.detail.reset) render();
+    else if (e.detail.nodes.size) drawCharts();
   };
   ctx.live.addEventListener('change', onChange);
   render();

@@ -59,10 +59,13 @@ async fn portal_walkthrough_in_headless_chromium() {
     let agg = start(&dir.path().join("data"), password).await;
 
     let base = agg.base();
+    let agent_token = std::fs::read_to_string(dir.path().join("data/agent.token"))
+        .expect("the agent token the aggregator wrote");
     let shots_arg = shots.clone();
     let run = tokio::task::spawn_blocking(move || {
         Command::new(node)
             .arg("portal.mjs")
+            .env("KCLOUD_AGENT_TOKEN", agent_token.trim())
             .current_dir(&browser_dir)
             .env("KCLOUD_URL", &base)
             .env("KCLOUD_ADMIN_USER", "root")
@@ -85,7 +88,13 @@ async fn portal_walkthrough_in_headless_chromium() {
         "browser walk failed (screenshots in {}):\n{log}",
         shots.display()
     );
-    for name in ["cluster", "jupyterlab", "slice-free-again", "admin-denied"] {
+    for name in [
+        "cluster",
+        "jupyterlab",
+        "slice-free-again",
+        "admin-denied",
+        "fleet-node",
+    ] {
         assert!(
             std::fs::read_dir(&shots)
                 .expect("screenshots dir")

@@ -4,16 +4,21 @@
 //! agent heartbeat is a change: four open portals at 10,000 nodes cut inventory ingest
 //! twentyfold. Now one task, running while any stream is open, reads what changed since
 //! it last looked (the inventory's push journal, the ledger's holders, nodes turning
-//! stale), encodes each changed node once (only nodes some stream follows), the changed
-//! fleet-list lines and, at most once a second, the fleet summary, and broadcasts that
+//! stale), encodes the changed fleet-list lines and, at most once a second, the fleet
+//! summary, and broadcasts that with the names of the changed nodes some stream follows
 //! as one [`Batch`]. Streams pick from the batch what their viewer follows and may see.
+//! A node's JSON is encoded once per round, by the first stream that sends it, into a
+//! cache of the latest encoding per followed node that every other stream reuses.
 //!
-//! The broadcast keeps the last [`CAPACITY`] batches, shared by all streams: that is all
-//! the memory a stalled client can hold. A stream further behind than that is told so by
-//! the channel and starts over with a `reset` snapshot instead of a backlog.
+//! The broadcast keeps the last [`CAPACITY`] batches, shared by all streams; batches
+//! hold names, not node bodies, so that is all the memory a stalled client can hold
+//! (the cache holds one body per followed node, whoever is stalled). A stream further
+//! behind is told so by the channel and starts over with a `reset` snapshot instead of
+//! a backlog.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -49,7 +54,8 @@ pub struct ClusterNode {
 
 /// What the producer found changed in one round.
 pub struct Batch {
-    /// Changed nodes that some stream follows, each encoded once.
+    pub round: u64,
+    /// Changed nodes that some stream follows.
     pub nodes: Vec<NodeChange>,
     /// The changed fleet-list lines (a JSON array of `NodeRow`), when a stream wants them.
     pub rows: Option<Arc<str>>,
@@ -64,7 +70,6 @@ pub struct NodeChange {
     /// Its device layout, holders or staleness changed: sent at once. Otherwise only its
     /// readings changed, which streams coalesce.
     pub important: bool,
-    pub body: Arc<NodeBody>,
 }
 
 /// One node encoded once for every kind of viewer.
@@ -205,13 +210,22 @@ impl Interest {
 pub struct Feed {
     tx: broadcast::Sender<Arc<Batch>>,
     interest: Mutex<Interest>,
+    /// The last round broadcast.
+    round: AtomicU64,
+    /// The latest encoding of each followed node, with the round it is current for.
+    bodies: Mutex<Bodies>,
 }
+
+/// Per node: the round an encoding is current for, and the encoding.
+type Bodies = HashMap<Arc<str>, (u64, Arc<NodeBody>)>;
 
 impl Default for Feed {
     fn default() -> Self {
         Feed {
             tx: broadcast::channel(CAPACITY).0,
             interest: Mutex::default(),
+            round: AtomicU64::new(0),
+            bodies: Mutex::default(),
         }
     }
 }
@@ -220,6 +234,38 @@ impl Feed {
     fn interest(&self) -> MutexGuard<'_, Interest> {
         // Counters only: a panic elsewhere cannot leave them half-written.
         self.interest.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn bodies(&self) -> MutexGuard<'_, Bodies> {
+        // A map of whole entries: a panic elsewhere cannot leave one half-written.
+        self.bodies.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The last round broadcast: an encoding made now is at least that fresh.
+    pub fn round(&self) -> u64 {
+        self.round.load(Ordering::Acquire)
+    }
+
+    /// `name` encoded as of round `round` or later (`None`: as of now, for snapshots):
+    /// from the cache, else encoded now and cached for the other streams. `None` when
+    /// the node is not listed.
+    pub fn body(&self, s: &AppState, name: &Arc<str>, round: Option<u64>) -> Option<Arc<NodeBody>> {
+        if let Some(round) = round
+            && let Some((r, body)) = self.bodies().get(name)
+            && *r >= round
+        {
+            return Some(body.clone());
+        }
+        let now_round = self.round();
+        let body = Arc::new(NodeBody::new(load(s, name, now_ms())?));
+        let mut bodies = self.bodies();
+        match bodies.get(name) {
+            Some((r, newer)) if *r > now_round => Some(newer.clone()),
+            _ => {
+                bodies.insert(name.clone(), (now_round, body.clone()));
+                Some(body)
+            }
+        }
     }
 
     /// Registers a stream; starts the producer when it is the first.
@@ -327,36 +373,36 @@ async fn produce(s: AppState) {
             summary_due = true;
         }
 
-        // Decide under the lock what to encode; encode outside it.
-        let (watched, rows, want_summary) = {
+        let (nodes, rows, want_summary) = {
             let mut i = s.feed.interest();
             if i.streams == 0 || !open {
                 i.running = false;
+                s.feed.bodies().clear();
                 return;
             }
-            let watched: Vec<(Arc<str>, bool)> = changed
+            if i.all == 0 {
+                // Keep encodings only of nodes someone still follows.
+                s.feed.bodies().retain(|n, _| i.nodes.contains_key(&**n));
+            }
+            let nodes: Vec<NodeChange> = changed
                 .iter()
                 .filter(|(n, _)| i.all > 0 || i.nodes.contains_key(&***n))
-                .map(|(n, &imp)| (n.clone(), imp))
+                .map(|(n, &important)| NodeChange {
+                    name: n.clone(),
+                    important,
+                })
                 .collect();
-            (watched, i.rows > 0, i.summary > 0)
+            (nodes, i.rows > 0, i.summary > 0)
         };
         let mut batch = Batch {
+            round: s.feed.round() + 1,
             nodes: Vec::new(),
             rows: None,
             summary: None,
             resync,
         };
         if !resync {
-            for (name, important) in watched {
-                if let Some(node) = load(&s, &name, now) {
-                    batch.nodes.push(NodeChange {
-                        name,
-                        important,
-                        body: Arc::new(NodeBody::new(node)),
-                    });
-                }
-            }
+            batch.nodes = nodes;
             if rows {
                 let lines: Vec<_> = changed
                     .iter()

@@ -40,7 +40,7 @@ use crate::error::{ApiError, ErrorBody};
 use crate::extract::{ApiQuery, credential};
 use crate::routes::servers::ServerView;
 
-use feed::{Batch, NodeBody, Subscription, Want};
+use feed::{Batch, Subscription, Want};
 pub use feed::{ClusterNode, Feed};
 
 /// A node's reading-only changes go to a stream at most this often.
@@ -193,8 +193,8 @@ struct Viewer {
     snapshot: Option<Snapshot>,
     /// When each followed node was last sent.
     sent_at: HashMap<Arc<str>, Instant>,
-    /// Reading-only changes held back, the latest per node.
-    deferred: HashMap<Arc<str>, Arc<NodeBody>>,
+    /// Reading-only changes held back: the latest round per node.
+    deferred: HashMap<Arc<str>, u64>,
     readings_left: usize,
     tick: tokio::time::Interval,
     checked: Instant,
@@ -290,13 +290,11 @@ impl Viewer {
             return;
         }
         if !snap.nodes.is_empty() {
-            let now = now_ms();
             let n = snap.nodes.len().min(NODES_PER_STEP);
             let names: Vec<Arc<str>> = snap.nodes.drain(..n).collect();
             for name in names {
-                if let Some(node) = feed::load(&self.s, &name, now) {
-                    self.send_node(name, &NodeBody::new(node));
-                }
+                // A snapshot shows the state as of now, never a cached older round.
+                self.send_node(name, None);
             }
             return;
         }
@@ -337,7 +335,11 @@ impl Viewer {
         }
     }
 
-    fn send_node(&mut self, name: Arc<str>, body: &NodeBody) {
+    /// Queues `name` as of `round` or later (`None`: now), as this caller may see it.
+    fn send_node(&mut self, name: Arc<str>, round: Option<u64>) {
+        let Some(body) = self.s.feed.body(&self.s, &name, round) else {
+            return;
+        };
         let data = body.for_viewer(&self.caller);
         self.out.push_back(event("node", &data));
         self.sent_at.insert(name, Instant::now());
@@ -369,9 +371,9 @@ impl Viewer {
                     self.readings_left -= 1;
                 }
                 self.deferred.remove(&c.name);
-                self.send_node(c.name.clone(), &c.body);
+                self.send_node(c.name.clone(), Some(b.round));
             } else {
-                self.deferred.insert(c.name.clone(), c.body.clone());
+                self.deferred.insert(c.name.clone(), b.round);
             }
         }
     }
@@ -393,8 +395,8 @@ impl Viewer {
                 .collect();
             self.readings_left -= due.len();
             for name in due {
-                if let Some(body) = self.deferred.remove(&name) {
-                    self.send_node(name, &body);
+                if let Some(round) = self.deferred.remove(&name) {
+                    self.send_node(name, Some(round));
                 }
             }
         }
