@@ -104,26 +104,35 @@ med() { if [[ -s $RES/$1 ]]; then sort -g "$RES/$1" | awk '{v[NR] = $1} END {if 
 span() { if [[ -s $RES/$1 ]]; then sort -g "$RES/$1" | awk 'NR == 1 {lo = $1} {hi = $1} END {printf "%g–%g", lo, hi}'; else echo -; fi; }
 fmt() { awk -v v="$1" -v d="${2:-1}" 'BEGIN {if (v == "n/a") print v; else printf "%.*f\n", d, v}'; }
 
-SEQ_ROUND=1
-push_run() { # seconds -> PUSH line; sequence numbers always grow
-  local line
-  line=$(timeout $(($1 + 60)) wrk -t2 -c16 -d"$1s" --timeout 5s -s scripts/bench/push.lua "$BASE" \
+SEQ_ROUND=0
+pushes_stored() {
+  curl -s --max-time 5 "$BASE/metrics" | awk '$1 == "kcloud_inventory_pushes_total{result=\"stored\"}" {print $2}'
+}
+# One wrk run of pushes, every one newer than the stored snapshot. Call it outside a
+# $(...) subshell: the sequence base it moves on must outlive it. -> $PUSH_LINE
+push_run() { # seconds
+  local s0 s1 n
+  SEQ_ROUND=$((SEQ_ROUND + 1))
+  s0=$(pushes_stored)
+  PUSH_LINE=$(timeout $(($1 + 60)) wrk -t2 -c16 -d"$1s" --timeout 5s -s scripts/bench/push.lua "$BASE" \
     -- "$AGENT_TOKEN" "$NODES" $((1000000000 + SEQ_ROUND * 10000000)) 2 2>"$TMP/push.err" | grep '^PUSH ') ||
     { cat "$TMP/push.err" >&2; die "wrk failed"; }
-  SEQ_ROUND=$((SEQ_ROUND + 1))
-  [[ $(kv errors "$line") == 0 ]] || die "push errors: $line"
-  echo "$line"
+  s1=$(pushes_stored)
+  [[ $(kv errors "$PUSH_LINE") == 0 ]] || die "push errors: $PUSH_LINE"
+  n=$(kv requests "$PUSH_LINE")
+  # wrk counts completed responses; /metrics may count a few more (in flight at the end).
+  (($(printf '%.0f' "$s1") - $(printf '%.0f' "$s0") >= n)) || die "only $((s1 - s0)) of $n pushes stored"
 }
 measured_push() { # label seconds
-  local c0 c1 line n rate
+  local c0 c1 n rate
   c0=$(cpu_ticks)
-  line=$(push_run "$2")
+  push_run "$2"
   c1=$(cpu_ticks)
-  n=$(kv requests "$line")
-  rate=$(awk -v n="$n" -v d="$(kv duration_us "$line")" 'BEGIN {print n / d * 1e6}')
+  n=$(kv requests "$PUSH_LINE")
+  rate=$(awk -v n="$n" -v d="$(kv duration_us "$PUSH_LINE")" 'BEGIN {print n / d * 1e6}')
   put "$1.rps" "$rate"
   put "$1.cpu_us" "$(awk -v d=$((c1 - c0)) -v n="$n" -v hz="$CLK_TCK" 'BEGIN {printf "%.1f\n", d / hz * 1e6 / n}')"
-  log "  $1: $(fmt "$rate" 0) pushes/s"
+  log "  $1: $(fmt "$rate" 0) pushes/s, all stored"
 }
 open_streams() { # stalled-count -> starts streams.py, waits for ready
   local fleet=$((STREAMS - 2 - $1)) args=()
@@ -152,8 +161,8 @@ close_streams() { # -> STREAMS lines in $TMP/streams.out
 CPU_MODEL=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
 log "machine: $(nproc) CPUs, ${CPU_MODEL:-unknown CPU}; aggregator $BIN"
 log "load: $NODES nodes"
-push_run 3 >/dev/null
-push_run 3 >/dev/null
+push_run 3
+push_run 3
 FRESH=$(curl -s --max-time 5 "$BASE/metrics" | awk '$1 == "kcloud_nodes{state=\"fresh\"}" {print $2}')
 [[ $FRESH == "$NODES" ]] || die "fresh nodes: $FRESH, expected $NODES"
 log "loaded: VmRSS $(rss_mib) MiB"
@@ -174,10 +183,10 @@ for ((r = 1; r <= ROUNDS; r++)); do
 done
 
 log "memory: ${MEM_SECS}s of pushes with no stream, then with $STREAMS streams ($STALLED stalled)"
-push_run "$MEM_SECS" >/dev/null
+push_run "$MEM_SECS"
 RSS_NONE=$(rss_mib)
 open_streams "$STALLED"
-push_run "$MEM_SECS" >/dev/null
+push_run "$MEM_SECS"
 RSS_STALLED=$(rss_mib)
 close_streams
 sleep 2

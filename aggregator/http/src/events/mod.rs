@@ -49,9 +49,8 @@ const READINGS_EVERY: Duration = Duration::from_secs(2);
 const READINGS_PER_SECOND: usize = 100;
 /// Session re-check period.
 const SESSION_CHECK: Duration = Duration::from_secs(5);
-/// Snapshot pieces: fleet lines per `rows` event, nodes encoded per step.
+/// Fleet lines per `rows` event of a snapshot.
 const ROWS_PER_EVENT: usize = 500;
-const NODES_PER_STEP: usize = 16;
 /// Most nodes one stream may name.
 const MAX_NODES: usize = 100;
 
@@ -174,10 +173,9 @@ fn event(name: &str, data: &str) -> Event {
     Event::default().event(name).data(data)
 }
 
-/// The part of a snapshot still to send.
+/// The part of a snapshot still to send (its nodes wait in the viewer's queue).
 struct Snapshot {
     rows: VecDeque<NodeRow>,
-    nodes: VecDeque<Arc<str>>,
 }
 
 /// One connection's state.
@@ -190,6 +188,11 @@ struct Viewer {
     /// What this connection last sent of each server, as JSON.
     sent_servers: HashMap<(String, String), String>,
     out: VecDeque<Event>,
+    /// Nodes to send, encoded only as the client takes them (so a burst of changes or
+    /// a big snapshot never sits in memory as events), each once, with the round it
+    /// must be at least as fresh as (`None`: as of now).
+    queue: VecDeque<Arc<str>>,
+    queued: HashMap<Arc<str>, Option<u64>>,
     snapshot: Option<Snapshot>,
     /// When each followed node was last sent.
     sent_at: HashMap<Arc<str>, Instant>,
@@ -223,6 +226,8 @@ impl Viewer {
             servers,
             sent_servers: HashMap::new(),
             out: VecDeque::new(),
+            queue: VecDeque::new(),
+            queued: HashMap::new(),
             snapshot: None,
             sent_at: HashMap::new(),
             deferred: HashMap::new(),
@@ -239,6 +244,8 @@ impl Viewer {
         self.sub.skip_to_now();
         self.servers.mark_unchanged();
         self.out.clear();
+        self.queue.clear();
+        self.queued.clear();
         self.sent_servers.clear();
         self.sent_at.clear();
         self.deferred.clear();
@@ -262,20 +269,37 @@ impl Viewer {
         } else {
             VecDeque::new()
         };
-        let inv = self.s.cluster.inventory();
-        let nodes = match &want.nodes {
-            None => inv.node_names().into(),
-            Some(names) => {
-                let mut names: Vec<Arc<str>> =
-                    names.iter().map(|n| Arc::from(n.as_str())).collect();
-                names.sort();
-                names.into()
-            }
+        let mut nodes: Vec<Arc<str>> = match &want.nodes {
+            None => self.s.cluster.inventory().node_names(),
+            Some(names) => names.iter().map(|n| Arc::from(n.as_str())).collect(),
         };
-        self.snapshot = Some(Snapshot { rows, nodes });
+        nodes.sort();
+        self.snapshot = Some(Snapshot { rows });
+        for name in nodes {
+            // A snapshot shows the state as of now, never a cached older round.
+            self.enqueue(name, None);
+        }
     }
 
-    /// The next piece of the snapshot; its end sends the servers and `synced`.
+    /// Queues `name` to be sent as of `round` or later; a node already queued is sent
+    /// once, as of the later round (`None`, now, is the latest).
+    fn enqueue(&mut self, name: Arc<str>, round: Option<u64>) {
+        match self.queued.get_mut(&name) {
+            Some(r) => {
+                *r = match (*r, round) {
+                    (Some(old), Some(new)) => Some(old.max(new)),
+                    _ => None,
+                }
+            }
+            None => {
+                self.queued.insert(name.clone(), round);
+                self.queue.push_back(name);
+            }
+        }
+    }
+
+    /// The next piece of the snapshot: lines, then (once its nodes are sent) the
+    /// servers and `synced`.
     fn continue_snapshot(&mut self) {
         let Some(snap) = &mut self.snapshot else {
             return;
@@ -287,15 +311,6 @@ impl Viewer {
                 "rows",
                 &serde_json::to_string(&lines).unwrap_or_default(),
             ));
-            return;
-        }
-        if !snap.nodes.is_empty() {
-            let n = snap.nodes.len().min(NODES_PER_STEP);
-            let names: Vec<Arc<str>> = snap.nodes.drain(..n).collect();
-            for name in names {
-                // A snapshot shows the state as of now, never a cached older round.
-                self.send_node(name, None);
-            }
             return;
         }
         self.snapshot = None;
@@ -311,6 +326,17 @@ impl Viewer {
             }
             if self.done {
                 return None;
+            }
+            if let Some(s) = &self.snapshot
+                && !s.rows.is_empty()
+            {
+                self.continue_snapshot();
+                continue;
+            }
+            if let Some(name) = self.queue.pop_front() {
+                let round = self.queued.remove(&name).flatten();
+                self.send_node(name, round);
+                continue;
             }
             if self.snapshot.is_some() {
                 self.continue_snapshot();
@@ -371,7 +397,7 @@ impl Viewer {
                     self.readings_left -= 1;
                 }
                 self.deferred.remove(&c.name);
-                self.send_node(c.name.clone(), Some(b.round));
+                self.enqueue(c.name.clone(), Some(b.round));
             } else {
                 self.deferred.insert(c.name.clone(), b.round);
             }
@@ -396,7 +422,7 @@ impl Viewer {
             self.readings_left -= due.len();
             for name in due {
                 if let Some(round) = self.deferred.remove(&name) {
-                    self.send_node(name, Some(round));
+                    self.enqueue(name, Some(round));
                 }
             }
         }
