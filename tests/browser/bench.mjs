@@ -75,8 +75,9 @@ console.log(`first load (${RUNS} runs, cold cache): median ${median(loads.map((l
 // The event stream's initial state (one 8-GPU node), which the first load also
 // receives but resource timing cannot size while the stream stays open.
 async function streamBytes() {
-  const access = storageState.cookies.find((c) => c.name === 'kcloud_access').value;
-  const resp = await fetch(`${base}/api/v1/events`, { headers: { Authorization: `Bearer ${access}` } });
+  const access = storageState.cookies.find((c) => c.name.endsWith('kcloud_access')).value;
+  // What the portal follows on a small fleet.
+  const resp = await fetch(`${base}/api/v1/events?summary=true&rows=true&nodes=*`, { headers: { Authorization: `Bearer ${access}` } });
   const reader = resp.body.getReader();
   let n = 0, text = '';
   while (!text.includes('event: synced')) {
