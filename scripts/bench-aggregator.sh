@@ -123,7 +123,7 @@ export KCLOUD_BENCH_PASSWORD
 KCLOUD_BENCH_PASSWORD=$(python3 -c 'import secrets; print(secrets.token_urlsafe(18))')
 KCLOUD_BOOTSTRAP_ADMIN_PASSWORD=$KCLOUD_BENCH_PASSWORD RUST_LOG=warn \
   "$BIN" --listen "127.0.0.1:$PORT" --data-dir "$TMP/data" --agent-token-file "$TMP/agent.token" \
-  --agent-heartbeat 1h --access-ttl 1h >"$TMP/server.log" 2>&1 &
+  --agent-heartbeat 1h --access-ttl 1h --local-agent off >"$TMP/server.log" 2>&1 &
 SERVER_PID=$!
 for ((i = 0; i < 100; i++)); do
   curl -sf -o /dev/null --max-time 1 "$BASE/readyz" && break
