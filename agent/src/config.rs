@@ -28,6 +28,10 @@ pub struct Config {
     #[arg(long, env = "KCLOUD_LISTEN", default_value = "0.0.0.0:9400")]
     pub listen: SocketAddr,
 
+    /// Log lines as `text` or `json` (one object per line, for log collectors).
+    #[arg(long, env = "KCLOUD_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
     /// How often GPUs and the host are read (e.g. `5s`, `500ms`).
     #[arg(long, env = "KCLOUD_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     pub interval: Duration,
@@ -59,6 +63,13 @@ pub struct Config {
 }
 
 /// Built-in simulated machines.
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Preset {
     /// 8 × A100-SXM4-80GB: GPUs 0–3 whole, 4–7 in MIG mode with mixed layouts.

@@ -18,7 +18,7 @@ use kcloud_common::NodeInventory;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-pub use config::Config;
+pub use config::{Config, LogFormat};
 
 /// The newest snapshot, `None` until the first collection finished.
 pub type Snapshot = Option<Arc<NodeInventory>>;

@@ -117,6 +117,10 @@ pub struct Config {
     #[arg(long, env = "KCLOUD_ISOLATION", value_enum, default_value = "sandbox")]
     pub isolation: Isolation,
 
+    /// Log lines as `text` or `json` (one object per line, for log collectors).
+    #[arg(long, env = "KCLOUD_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
     /// Local provisioner: how long a deleted server gets between SIGTERM and SIGKILL.
     #[arg(long, env = "KCLOUD_STOP_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub stop_grace: Duration,
@@ -149,6 +153,13 @@ fn parse_net(s: &str) -> Result<IpNet, String> {
     s.parse::<IpNet>()
         .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
         .map_err(|_| format!("{s:?} is neither an IP address nor a CIDR"))
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// `--isolation`.

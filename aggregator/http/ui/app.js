@@ -18,7 +18,7 @@ function signInPage(message) {
     ev.preventDefault();
     error.textContent = '';
     try {
-      await api('POST', '/api/v1/auth/login', { username: user.value.trim(), password: pass.value });
+      await api('POST', '/api/v1/auth/login', { name: user.value.trim(), password: pass.value });
       await start();
     } catch (e) {
       error.textContent = e.status === 401 ? 'Wrong user name or password.' : e.message;

@@ -22,6 +22,8 @@ use crate::auth::Auth;
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateUser {
+    /// Also accepted as `username`, like at sign-in.
+    #[serde(alias = "username")]
     pub name: String,
     /// 12 to 1024 bytes.
     pub password: String,

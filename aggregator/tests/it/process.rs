@@ -273,3 +273,45 @@ fn kubernetes_without_a_cluster_is_a_clear_error_before_anything_is_written() {
     assert!(!err.contains("panicked"), "{err}");
     assert!(!data.exists(), "nothing written: {err}");
 }
+
+#[tokio::test]
+async fn json_logs_are_one_object_a_line_and_a_user_is_named_name_or_username() {
+    let dir = tempfile::tempdir().unwrap();
+    let password = "json-logs-admin-password";
+    let mut agg = start(
+        &dir.path().join("data"),
+        &[
+            ("KCLOUD_LOG_FORMAT", "json"),
+            ("KCLOUD_BOOTSTRAP_ADMIN_PASSWORD", password),
+        ],
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let url = format!("{}/api/v1/auth/login", agg.base());
+    for body in [
+        json!({"name": "admin", "password": password}),
+        json!({"username": "admin", "password": password}),
+    ] {
+        let r = client.post(&url).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{body}");
+    }
+    let both = json!({"name": "admin", "username": "admin", "password": password});
+    let r = client.post(&url).json(&both).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+
+    let (status, out) = agg.sigterm();
+    assert!(status.success(), "{out}");
+    let logs: Vec<serde_json::Value> = out
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(!logs.is_empty(), "no JSON log lines in: {out}");
+    for l in &logs {
+        assert!(l["timestamp"].is_string() && l["level"].is_string(), "{l}");
+    }
+    assert!(
+        !out.contains(password),
+        "the password is never logged: {out}"
+    );
+}

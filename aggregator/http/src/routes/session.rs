@@ -31,10 +31,13 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(me))
 }
 
+/// Who signs in. A user is named `name` everywhere in the API; `username` is accepted
+/// here too (the field's name before), but not both.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoginRequest {
-    pub username: String,
+    #[serde(alias = "username")]
+    pub name: String,
     pub password: String,
 }
 
@@ -56,7 +59,7 @@ async fn login(
 ) -> Result<Response, ApiError> {
     let result = s
         .auth
-        .login(&req.username, &req.password, client, now_ms())
+        .login(&req.name, &req.password, client, now_ms())
         .await;
     s.metrics.observe_login(result.is_ok());
     Ok(with_session_cookies(&s, result?))
