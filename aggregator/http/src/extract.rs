@@ -122,7 +122,10 @@ impl FromRequestParts<AppState> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Self, Self::Rejection> {
         let token = credential(&parts.headers, &parts.method, s.secure_cookies)?.token;
-        Ok(Caller(s.auth.caller(&token).await?))
+        let caller = s.auth.caller(&token).await?;
+        // Into the request's span (see `track`): whose request it was.
+        tracing::Span::current().record("user", caller.name.as_str());
+        Ok(Caller(caller))
     }
 }
 

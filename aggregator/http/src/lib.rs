@@ -34,6 +34,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use axum::{Json, Router};
 use ipnet::IpNet;
+use tracing::Instrument;
 use utoipa::openapi::OpenApi;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa_axum::router::OpenApiRouter;
@@ -168,20 +169,33 @@ async fn site(State(s): State<AppState>, req: Request, next: Next) -> Response {
 }
 
 /// Counts and times every request by route template (never the raw path, whose user
-/// and node names would make label cardinality unbounded).
+/// and node names would make label cardinality unbounded), in a span of its own
+/// (method, route, status, latency and, once authenticated, user) that every log line
+/// of the request carries, and one `debug` line per request. Here rather than
+/// tower-http's `TraceLayer`: this middleware already knows the matched route, and
+/// one place measures a request for both metrics and logs. The raw path and query are
+/// never logged (one-time codes and file names travel there).
 async fn track(State(s): State<AppState>, req: Request, next: Next) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
     let method = req.method().clone();
-    let started = Instant::now();
-    let resp = next.run(req).await;
-    s.metrics.observe_request(
-        method.as_str(),
-        &route,
-        resp.status().as_u16(),
-        started.elapsed(),
+    let span = tracing::info_span!(
+        "request",
+        method = %method,
+        route = %route,
+        status = tracing::field::Empty,
+        latency_ms = tracing::field::Empty,
+        user = tracing::field::Empty,
     );
+    let started = Instant::now();
+    let resp = next.run(req).instrument(span.clone()).await;
+    let elapsed = started.elapsed();
+    span.record("status", resp.status().as_u16());
+    span.record("latency_ms", elapsed.as_secs_f64() * 1000.0);
+    span.in_scope(|| tracing::debug!("request done"));
+    s.metrics
+        .observe_request(method.as_str(), &route, resp.status().as_u16(), elapsed);
     resp
 }

@@ -275,7 +275,8 @@ fn kubernetes_without_a_cluster_is_a_clear_error_before_anything_is_written() {
 }
 
 #[tokio::test]
-async fn json_logs_are_one_object_a_line_and_a_user_is_named_name_or_username() {
+async fn json_logs_are_one_object_a_line_with_a_span_per_request_and_a_user_is_named_name_or_username()
+ {
     let dir = tempfile::tempdir().unwrap();
     let password = "json-logs-admin-password";
     let mut agg = start(
@@ -283,6 +284,7 @@ async fn json_logs_are_one_object_a_line_and_a_user_is_named_name_or_username() 
         &[
             ("KCLOUD_LOG_FORMAT", "json"),
             ("KCLOUD_BOOTSTRAP_ADMIN_PASSWORD", password),
+            ("RUST_LOG", "info,kcloud_http=debug"),
         ],
     )
     .await;
@@ -298,6 +300,23 @@ async fn json_logs_are_one_object_a_line_and_a_user_is_named_name_or_username() 
     let both = json!({"name": "admin", "username": "admin", "password": password});
     let r = client.post(&url).json(&both).send().await.unwrap();
     assert_eq!(r.status(), 400);
+    let r = client
+        .post(&url)
+        .json(&json!({"name": "admin", "password": password}))
+        .send()
+        .await
+        .unwrap();
+    let token = r.json::<serde_json::Value>().await.unwrap()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = client
+        .get(format!("{}/api/v1/me", agg.base()))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
 
     let (status, out) = agg.sigterm();
     assert!(status.success(), "{out}");
@@ -310,6 +329,16 @@ async fn json_logs_are_one_object_a_line_and_a_user_is_named_name_or_username() 
     for l in &logs {
         assert!(l["timestamp"].is_string() && l["level"].is_string(), "{l}");
     }
+    // One line per request, in the request's span: route template, status, user.
+    let me = logs
+        .iter()
+        .find(|l| l["fields"]["message"] == "request done" && l["span"]["route"] == "/api/v1/me")
+        .unwrap_or_else(|| panic!("no request line for /api/v1/me in: {out}"));
+    assert_eq!(me["span"]["method"], "GET");
+    assert_eq!(me["span"]["status"], 200);
+    assert_eq!(me["span"]["user"], "admin");
+    assert!(me["span"]["latency_ms"].as_f64().is_some(), "{me}");
+    assert!(!out.contains(&token), "tokens are never logged");
     assert!(
         !out.contains(password),
         "the password is never logged: {out}"
