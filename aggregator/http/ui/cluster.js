@@ -205,7 +205,7 @@ function summaryView(live, onClass) {
     const s = live.summary;
     if (!s) { box.replaceChildren(h('p', { class: 'muted' }, 'Connecting…')); return; }
     const classes = h('table', { class: 'grid classes' },
-      h('thead', {}, h('tr', {}, h('th', {}, 'Model'), h('th', {}, 'Device'), h('th', {}, 'Free'), h('th', {}, 'Total'), h('th', {}, ''))),
+      h('thead', {}, h('tr', {}, h('th', {}, 'Model'), h('th', {}, 'Device'), h('th', { class: 'num' }, 'Free'), h('th', { class: 'num' }, 'Total'), h('th', {}, ''))),
       h('tbody', {}, s.classes.map((c) => h('tr', {},
         h('td', {}, h('button', { type: 'button', class: 'link', onclick: () => onClass(c) }, c.model)),
         h('td', {}, c.kind === 'mig' ? `MIG ${c.profile}` : 'whole GPU'),
@@ -218,7 +218,7 @@ function summaryView(live, onClass) {
         s.stale ? h('span', { class: 'badge warn' }, `${s.stale} stale`) : null),
       classes,
       grouped ? h('table', { class: 'grid groups' },
-        h('thead', {}, h('tr', {}, h('th', {}, 'Node group'), h('th', {}, 'Nodes'), h('th', {}, 'Free'), h('th', {}, 'Total'), h('th', {}, 'Stale'))),
+        h('thead', {}, h('tr', {}, h('th', {}, 'Node group'), h('th', { class: 'num' }, 'Nodes'), h('th', { class: 'num' }, 'Free'), h('th', { class: 'num' }, 'Total'), h('th', { class: 'num' }, 'Stale'))),
         h('tbody', {}, s.groups.map((g) => h('tr', {}, h('td', {}, g.group || '(none)'), h('td', { class: 'num' }, String(g.nodes)),
           h('td', { class: 'num' }, String(g.devices_free)), h('td', { class: 'num' }, String(g.devices_total)), h('td', { class: 'num' }, String(g.stale)))))) : null);
   };
