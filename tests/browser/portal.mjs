@@ -171,16 +171,7 @@ try {
   check(!(await page.locator('.browser').innerText()).includes('null'), 'no stray "null" in the file browser');
   await shot('storage-uploaded');
 
-  // 10. Delete the server (confirmed) and see the slice free again.
-  await page.getByRole('link', { name: 'My servers' }).click();
-  await page.locator('article.server[data-server="lab"]').getByRole('button', { name: 'Delete lab' }).click();
-  await page.locator('dialog.confirm').getByRole('button', { name: 'Delete' }).click();
-  await page.locator('article.server[data-server="lab"]').waitFor({ state: 'detached', timeout: LONG });
-  await page.getByRole('link', { name: 'Cluster' }).click();
-  await page.locator(`.dev.free[data-uuid="${uuid}"]`).waitFor();
-  await shot('slice-free-again');
-
-  // 11. A fleet: 30 more nodes (pushed as their agents would) turn the cluster page
+  // 10. A fleet: 30 more nodes (pushed as their agents would) turn the cluster page
   // into a summary and a node list drawn a screenful at a time; a node opens with its
   // GPUs and charts; nodes that stop reporting show up under "stale only".
   const agentToken = process.env.KCLOUD_AGENT_TOKEN;
@@ -200,12 +191,16 @@ try {
     });
     check(r.ok(), `push ${node}: ${r.status()}`);
   }
-  // The open page turns into the fleet view by itself.
+  // The cluster page is the fleet view now (an open one turns into it by itself).
+  await page.getByRole('link', { name: 'Cluster' }).click();
   await page.locator('#fleet-summary', { hasText: '31 nodes' }).waitFor();
   await page.locator('#fleet-summary table.groups', { hasText: 'rack-b' }).waitFor();
   await page.locator('.fleet-row').first().waitFor();
   const drawnRows = await page.locator('.fleet-row').count();
   check(drawnRows > 5 && drawnRows < 31, `only the rows on screen are drawn: ${drawnRows}`);
+  await page.locator('select[name=node-model]').selectOption('NVIDIA H100 80GB HBM3');
+  await page.locator('#fleet-count', { hasText: '30 of 31 nodes' }).waitFor();
+  await page.locator('select[name=node-model]').selectOption('');
   await page.getByPlaceholder('node name contains…').fill('rack-07');
   await page.locator('#fleet-count', { hasText: '1 of 31 nodes' }).waitFor();
   await shot('fleet');
@@ -220,6 +215,28 @@ try {
   // The pushed nodes stop reporting (the aggregator expects a push a second here).
   await page.locator('#fleet-count', { hasText: '30 of 31 nodes' }).waitFor({ timeout: 30_000 });
   await shot('fleet-stale');
+  // The servers page follows the nodes its servers run on for their charts, and
+  // settles on one stream (no reconnect loop).
+  const streams = [];
+  page.on('request', (r) => { if (r.url().includes('/api/v1/events')) streams.push(r.url()); });
+  await page.getByRole('link', { name: 'My servers' }).click();
+  await page.locator('article.server[data-server="lab"] figure.chart').first().waitFor();
+  await page.waitForTimeout(3000);
+  check(streams.length <= 2, `the servers page settles on one stream, opened ${streams.length}`);
+
+  // 11. Delete the server (confirmed) and see the slice free again, on the node opened
+  // from the fleet list.
+  await page.getByRole('link', { name: 'My servers' }).click();
+  await page.locator('article.server[data-server="lab"]').getByRole('button', { name: 'Delete lab' }).click();
+  await page.locator('dialog.confirm').getByRole('button', { name: 'Delete' }).click();
+  await page.locator('article.server[data-server="lab"]').waitFor({ state: 'detached', timeout: LONG });
+  await page.getByRole('link', { name: 'Cluster' }).click();
+  const host = (await page.evaluate(async () => (await (await fetch('/api/v1/nodes')).json())))
+    .find((n) => !n.name.startsWith('rack-')).name;
+  await page.getByPlaceholder('node name contains…').fill(host);
+  await page.locator(`.fleet-row[data-node="${host}"]`).click();
+  await page.locator(`.dev.free[data-uuid="${uuid}"]`).waitFor();
+  await shot('slice-free-again');
 
   check(consoleErrors.length === 0, `no console errors: ${consoleErrors.join(' | ')}`);
   console.log('PORTAL OK');

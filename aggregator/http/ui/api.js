@@ -114,7 +114,7 @@ export class Live extends EventTarget {
     const key = (x) => (x === '*' ? '*' : [...x].sort().join(','));
     if (key(names) === key(this.following)) return;
     this.following = names === '*' ? '*' : [...names];
-    if (this.source) { this.source.close(); this.start(); }
+    if (this.source && !this.closed) { this.source.close(); this.start(); }
   }
 
   start() {

@@ -220,7 +220,7 @@ function summaryView(live, onClass) {
       grouped ? h('table', { class: 'grid groups' },
         h('thead', {}, h('tr', {}, h('th', {}, 'Node group'), h('th', { class: 'num' }, 'Nodes'), h('th', { class: 'num' }, 'Free'), h('th', { class: 'num' }, 'Total'), h('th', { class: 'num' }, 'Stale'))),
         h('tbody', {}, s.groups.map((g) => h('tr', {}, h('td', {}, g.group || '(none)'), h('td', { class: 'num' }, String(g.nodes)),
-          h('td', { class: 'num' }, String(g.devices_free)), h('td', { class: 'num' }, String(g.devices_total)), h('td', { class: 'num' }, String(g.stale)))))) : null);
+          h('td', { class: 'num' }, String(g.devices_free)), h('td', { class: 'num' }, String(g.devices_total)), h('td', { class: 'num' }, String(g.stale)))))) : '');
   };
   box.render();
   return box;
@@ -244,7 +244,7 @@ function nodeList(live, ctx, onOpen) {
     const want = ['', ...live.models()];
     if (have.join('\n') === want.join('\n')) return;
     const v = model.value;
-    model.replaceChildren(h('option', { value: '' }, 'any model'), live.models().map((m) => h('option', { value: m }, m)));
+    model.replaceChildren(h('option', { value: '' }, 'any model'), ...live.models().map((m) => h('option', { value: m }, m)));
     model.value = want.includes(v) ? v : '';
   };
   const refilter = () => {

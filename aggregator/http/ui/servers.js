@@ -291,8 +291,10 @@ export function serverList(ctx, filter, showOwner) {
       return card;
     });
     box.replaceChildren(...(cards.length ? cards : [h('p', { class: 'muted' }, 'No servers.')]));
-    // On a large fleet, follow the nodes these servers run on (for their charts).
-    if (ctx.live.mode === 'fleet') ctx.live.follow([...new Set(list.map((x) => x.node).filter(Boolean))].slice(0, 100));
+    // On a large fleet, follow the nodes these servers run on (for their charts). Only
+    // from a complete list: between a reset and `synced` the servers are not all back,
+    // and following fewer nodes would reconnect, reset, and so on.
+    if (ctx.live.mode === 'fleet' && ctx.live.synced) ctx.live.follow([...new Set(list.map((x) => x.node).filter(Boolean))].slice(0, 100));
     drawCharts();
   };
   const drawCharts = () => {
