@@ -314,122 +314,139 @@ fn holdings(s: &AppState) -> HashMap<String, Holder> {
 }
 
 /// The producer: runs while any stream is open.
-async fn produce(s: AppState) {
-    let inv = s.cluster.inventory();
+///
+/// What it compares against (push generation, holders, stale nodes, the summary) is
+/// taken here, when it is created in [`Feed::subscribe`], before the first stream takes
+/// its snapshot: a change in between is then sent (perhaps twice), never lost.
+fn produce(s: AppState) -> impl Future<Output = ()> + Send + 'static {
     let mut pushes = s.cluster.inventory_changes();
     let mut allocations = s.cluster.allocation_changes();
-    let mut generation = inv.push_generation();
+    let mut generation = s.cluster.inventory().push_generation();
     let mut allocation_gen = *allocations.borrow_and_update();
     let mut holders = holdings(&s);
-    let mut stale: HashSet<Arc<str>> = inv.stale_nodes(now_ms()).into_iter().collect();
-    let mut summary = String::new();
-    let mut summary_due = true;
-    let mut summary_at: Option<Instant> = None;
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let open = tokio::select! {
-            r = pushes.changed() => r.is_ok(),
-            r = allocations.changed() => r.is_ok(),
-            _ = tick.tick() => true,
-        };
-        tokio::time::sleep(BATCH).await;
-        let now = now_ms();
-        let mut changed: BTreeMap<Arc<str>, bool> = BTreeMap::new();
-        let mut resync = false;
+    let mut stale: HashSet<Arc<str>> = s
+        .cluster
+        .inventory()
+        .stale_nodes(now_ms())
+        .into_iter()
+        .collect();
+    // Every stream's snapshot carries the summary as of now or later.
+    let mut summary = json(&s.cluster.fleet(now_ms()));
+    async move {
+        let inv = s.cluster.inventory();
+        let mut summary_due = false;
+        let mut summary_at: Option<Instant> = None;
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let open = tokio::select! {
+                r = pushes.changed() => r.is_ok(),
+                r = allocations.changed() => r.is_ok(),
+                _ = tick.tick() => true,
+            };
+            tokio::time::sleep(BATCH).await;
+            let now = now_ms();
+            let mut changed: BTreeMap<Arc<str>, bool> = BTreeMap::new();
+            let mut resync = false;
 
-        let (g, pushed) = inv.changes_since(generation);
-        generation = g;
-        match pushed {
-            Some(list) => {
-                for (node, layout) in list {
-                    *changed.entry(node).or_default() |= layout;
+            let (g, pushed) = inv.changes_since(generation);
+            generation = g;
+            match pushed {
+                Some(list) => {
+                    for (node, layout) in list {
+                        *changed.entry(node).or_default() |= layout;
+                    }
                 }
+                None => resync = true,
             }
-            None => resync = true,
-        }
-        let a = *allocations.borrow_and_update();
-        if a != allocation_gen {
-            allocation_gen = a;
-            let now_held = holdings(&s);
-            let moved = now_held
-                .iter()
-                .filter(|(u, h)| holders.get(*u) != Some(*h))
-                .map(|(u, _)| u)
-                .chain(holders.keys().filter(|u| !now_held.contains_key(*u)));
-            for uuid in moved {
-                if let Some(node) = inv.node_of(uuid) {
-                    changed.insert(node, true);
-                }
-            }
-            holders = now_held;
-        }
-        let now_stale: HashSet<Arc<str>> = inv.stale_nodes(now).into_iter().collect();
-        for node in now_stale.symmetric_difference(&stale) {
-            changed.insert(node.clone(), true);
-        }
-        stale = now_stale;
-        if resync || changed.values().any(|&important| important) {
-            summary_due = true;
-        }
-
-        let (nodes, rows, want_summary) = {
-            let mut i = s.feed.interest();
-            if i.streams == 0 || !open {
-                i.running = false;
-                s.feed.bodies().clear();
-                return;
-            }
-            if i.all == 0 {
-                // Keep encodings only of nodes someone still follows.
-                s.feed.bodies().retain(|n, _| i.nodes.contains_key(&**n));
-            }
-            let nodes: Vec<NodeChange> = changed
-                .iter()
-                .filter(|(n, _)| i.all > 0 || i.nodes.contains_key(&***n))
-                .map(|(n, &important)| NodeChange {
-                    name: n.clone(),
-                    important,
-                })
-                .collect();
-            (nodes, i.rows > 0, i.summary > 0)
-        };
-        let mut batch = Batch {
-            round: s.feed.round() + 1,
-            nodes: Vec::new(),
-            rows: None,
-            summary: None,
-            resync,
-        };
-        if !resync {
-            batch.nodes = nodes;
-            if rows {
-                let lines: Vec<_> = changed
+            let a = *allocations.borrow_and_update();
+            if a != allocation_gen {
+                allocation_gen = a;
+                let now_held = holdings(&s);
+                let moved = now_held
                     .iter()
-                    .filter(|(_, important)| **important)
-                    .filter_map(|(n, _)| s.cluster.row(n, now))
+                    .filter(|(u, h)| holders.get(*u) != Some(*h))
+                    .map(|(u, _)| u)
+                    .chain(holders.keys().filter(|u| !now_held.contains_key(*u)));
+                for uuid in moved {
+                    if let Some(node) = inv.node_of(uuid) {
+                        changed.insert(node, true);
+                    }
+                }
+                holders = now_held;
+            }
+            let now_stale: HashSet<Arc<str>> = inv.stale_nodes(now).into_iter().collect();
+            for node in now_stale.symmetric_difference(&stale) {
+                changed.insert(node.clone(), true);
+            }
+            stale = now_stale;
+            if resync || changed.values().any(|&important| important) {
+                summary_due = true;
+            }
+
+            let (nodes, rows, want_summary) = {
+                let mut i = s.feed.interest();
+                if i.streams == 0 || !open {
+                    i.running = false;
+                    s.feed.bodies().clear();
+                    return;
+                }
+                if i.all == 0 {
+                    // Keep encodings only of nodes someone still follows.
+                    s.feed.bodies().retain(|n, _| i.nodes.contains_key(&**n));
+                }
+                let nodes: Vec<NodeChange> = changed
+                    .iter()
+                    .filter(|(n, _)| i.all > 0 || i.nodes.contains_key(&***n))
+                    .map(|(n, &important)| NodeChange {
+                        name: n.clone(),
+                        important,
+                    })
                     .collect();
-                if !lines.is_empty() {
-                    batch.rows = Some(json(&lines).into());
+                (nodes, i.rows > 0, i.summary > 0)
+            };
+            let mut batch = Batch {
+                round: s.feed.round() + 1,
+                nodes: Vec::new(),
+                rows: None,
+                summary: None,
+                resync,
+            };
+            if !resync {
+                batch.nodes = nodes;
+                if rows {
+                    let lines: Vec<_> = changed
+                        .iter()
+                        .filter(|(_, important)| **important)
+                        .filter_map(|(n, _)| s.cluster.row(n, now))
+                        .collect();
+                    if !lines.is_empty() {
+                        batch.rows = Some(json(&lines).into());
+                    }
                 }
             }
-        }
-        if want_summary && summary_due && summary_at.is_none_or(|t| t.elapsed() >= SUMMARY_EVERY) {
-            summary_due = false;
-            summary_at = Some(Instant::now());
-            let fresh = json(&s.cluster.fleet(now));
-            if fresh != summary {
-                batch.summary = Some(fresh.as_str().into());
-                summary = fresh;
+            if want_summary
+                && summary_due
+                && summary_at.is_none_or(|t| t.elapsed() >= SUMMARY_EVERY)
+            {
+                summary_due = false;
+                summary_at = Some(Instant::now());
+                let fresh = json(&s.cluster.fleet(now));
+                if fresh != summary {
+                    batch.summary = Some(fresh.as_str().into());
+                    summary = fresh;
+                }
             }
-        }
-        if batch.resync
-            || !batch.nodes.is_empty()
-            || batch.rows.is_some()
-            || batch.summary.is_some()
-        {
-            // No receiver is fine: they may all be between connections.
-            let _ = s.feed.tx.send(Arc::new(batch));
+            if batch.resync
+                || !batch.nodes.is_empty()
+                || batch.rows.is_some()
+                || batch.summary.is_some()
+            {
+                // From here, an encoding counts as current for this round.
+                s.feed.round.store(batch.round, Ordering::Release);
+                // No receiver is fine: they may all be between connections.
+                let _ = s.feed.tx.send(Arc::new(batch));
+            }
         }
     }
 }
