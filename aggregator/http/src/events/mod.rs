@@ -388,10 +388,7 @@ impl Viewer {
             if !self.sub.want.follows(&c.name) {
                 continue;
             }
-            let due = self
-                .sent_at
-                .get(&c.name)
-                .is_none_or(|t| now.duration_since(*t) >= READINGS_EVERY);
+            let due = self.readings_due(&c.name, now);
             if c.important || (due && self.readings_left > 0) {
                 if !c.important {
                     self.readings_left -= 1;
@@ -404,6 +401,13 @@ impl Viewer {
         }
     }
 
+    /// Whether `name`'s readings may go out again (none sent for `READINGS_EVERY`).
+    fn readings_due(&self, name: &str, now: Instant) -> bool {
+        self.sent_at
+            .get(name)
+            .is_none_or(|t| now.duration_since(*t) >= READINGS_EVERY)
+    }
+
     async fn on_tick(&mut self) {
         self.readings_left = READINGS_PER_SECOND;
         if !self.deferred.is_empty() {
@@ -411,11 +415,7 @@ impl Viewer {
             let due: Vec<Arc<str>> = self
                 .deferred
                 .keys()
-                .filter(|n| {
-                    self.sent_at
-                        .get(*n)
-                        .is_none_or(|t| now.duration_since(*t) >= READINGS_EVERY)
-                })
+                .filter(|n| self.readings_due(n, now))
                 .take(READINGS_PER_SECOND)
                 .cloned()
                 .collect();
