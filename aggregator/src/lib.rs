@@ -257,7 +257,7 @@ impl App {
         if let Some(agent) = embedded_agent {
             tokio::spawn(agent.run(state.cluster.clone(), shutdown.clone()));
         }
-        tokio::spawn(sweep_reservations(state.servers.clone(), shutdown.clone()));
+        tokio::spawn(sweep_claims(state.servers.clone(), shutdown.clone()));
         if let Some(p) = &state.prometheus {
             tokio::spawn(p.clone().run(shutdown.clone()));
         }
@@ -307,16 +307,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     app.serve(listener, shutdown).await
 }
 
-/// Releases reservations whose create never finished, so no device leaks.
-async fn sweep_reservations(servers: Arc<Servers>, shutdown: CancellationToken) {
+/// Releases claims whose create never finished, so no device leaks.
+async fn sweep_claims(servers: Arc<Servers>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(30));
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {
-                let aborted = servers.sweep_reservations(now_ms());
+                let aborted = servers.sweep_claims(now_ms());
                 if aborted > 0 {
-                    tracing::warn!(count = aborted, "released stale reservations");
+                    tracing::warn!(count = aborted, "released stale claims");
                 }
             }
         }

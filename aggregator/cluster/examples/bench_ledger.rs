@@ -1,12 +1,12 @@
-//! In-process benchmark of the allocation ledger: reserve + commit per second, and a
+//! In-process benchmark of the allocation ledger: claim + commit per second, and a
 //! check that no device is ever handed out twice.
 //!
 //! Per round: a fresh `Inventory` with `--nodes` simulated dgx-a100-mig nodes (4 whole
 //! A100s + 4 A100s in MIG mode with 17 instances: 25 listed, 21 allocatable devices per
 //! node), a fresh `Ledger` (`rebuild(empty)`), one warm-up `summary` (builds the free
 //! index, as the first request does in the server; not timed), then `T` threads doing
-//! `reserve` + `commit` until the cluster is full for that request kind, `--max`
-//! reservations were granted, or `--secs` passed. Modes:
+//! `claim` + `commit` until the cluster is full for that request kind, `--max`
+//! claims were granted, or `--secs` passed. Modes:
 //!
 //! - `gpus`:  `Gpus { count: 1, model: None }` (best fit), full at 4 per node
 //! - `mig`:   `Mig { profile: "1g.10gb", model: None }` (best fit), full at 10 per node
@@ -14,7 +14,7 @@
 //!   list from different offsets, so they race for the same devices (conflicts
 //!   expected, double grants not)
 //!
-//! After each run: every granted device appears in exactly one reservation, the ledger's
+//! After each run: every granted device appears in exactly one claim, the ledger's
 //! `holdings()` are exactly the granted devices with the granting holder, all committed,
 //! and no held MIG instance has its parent GPU held whole.
 //!
@@ -305,7 +305,7 @@ fn run(opts: &Opts, mode: &str, threads: usize) -> RunResult {
                         user: format!("user-{t}"),
                         server: format!("srv-{t}-{i}"),
                     };
-                    match ledger.reserve(holder.clone(), req, &inv, None, now) {
+                    match ledger.claim(holder.clone(), req, &inv, None, now) {
                         Ok(r) => {
                             if let Err(e) = ledger.commit(r.id) {
                                 errors.push(format!("commit {}: {e}", r.id));
@@ -324,7 +324,7 @@ fn run(opts: &Opts, mode: &str, threads: usize) -> RunResult {
                             break;
                         }
                         Err(e) => {
-                            errors.push(format!("reserve: {e}"));
+                            errors.push(format!("claim: {e}"));
                             if errors.len() > 10 {
                                 break;
                             }
@@ -368,7 +368,7 @@ fn run(opts: &Opts, mode: &str, threads: usize) -> RunResult {
     let holdings = ledger.holdings();
     if holdings.len() != owner.len() {
         problems.push(format!(
-            "ledger holds {} devices, reservations granted {}",
+            "ledger holds {} devices, claims granted {}",
             holdings.len(),
             owner.len()
         ));
@@ -501,7 +501,7 @@ fn main() {
     );
     println!();
     println!(
-        "| request | threads | reserve+commit/s (median) | range | reservations | conflicts | until full | check failures |"
+        "| request | threads | claim+commit/s (median) | range | claims | conflicts | until full | check failures |"
     );
     println!("|---|---|---|---|---|---|---|---|");
     for r in rows {

@@ -16,7 +16,7 @@
 //! slices; only its MIG instances are allocatable.
 //!
 //! Locking: one `RwLock` here. Methods that also read the ledger take this read lock
-//! first and then the ledger's mutex, the same order as `Ledger::reserve`; nothing
+//! first and then the ledger's mutex, the same order as `Ledger::claim`; nothing
 //! takes them the other way round.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -146,10 +146,10 @@ pub struct DeviceView {
     pub available: bool,
     pub stale: bool,
     pub lost: bool,
-    /// Held by a server (reserved or committed), whoever holds it: what a user sees
+    /// Held by a server (claimed or committed), whoever holds it: what a user sees
     /// of other users' holdings.
     pub in_use: bool,
-    /// Who holds it (reserved or committed); the API layer redacts it per viewer.
+    /// Who holds it (claimed or committed); the API layer redacts it per viewer.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub holder: Option<Holder>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -1596,7 +1596,7 @@ mod tests {
     fn device_json_omits_absent_fields() {
         let (inv, ledger) = cluster();
         ledger
-            .reserve(
+            .claim(
                 holder("ann", "nb"),
                 &DeviceRequest::Exact(vec!["GPU-a1".into()]),
                 &inv,
@@ -1782,7 +1782,7 @@ mod tests {
         {
             let req = DeviceRequest::Exact(uuids.into_iter().map(String::from).collect());
             ledger
-                .reserve(holder("u", &format!("s{i}")), &req, &inv, None, T0)
+                .claim(holder("u", &format!("s{i}")), &req, &inv, None, T0)
                 .unwrap();
         }
         let everything = all(&inv, &ledger, DeviceQuery::default(), T0);
@@ -2030,7 +2030,7 @@ mod tests {
     fn summary_counts_total_and_free_per_model_and_profile() {
         let (inv, ledger) = big_cluster();
         ledger
-            .reserve(
+            .claim(
                 holder("u", "s"),
                 &DeviceRequest::Exact(vec!["GPU-node-01-0".into(), "GPU-node-01-2".into()]),
                 &inv,

@@ -1,11 +1,11 @@
 //! Exclusive allocation of GPUs and MIG instances: the only place that decides who holds
 //! a device.
 //!
-//! A server (a [`Holder`]) gets devices in two steps: [`Ledger::reserve`] checks and
+//! A server (a [`Holder`]) gets devices in two steps: [`Ledger::claim`] checks and
 //! takes them atomically, and [`Ledger::commit`] (once the server exists) or
-//! [`Ledger::abort`] finishes it; [`Ledger::sweep`] aborts reservations that were never
+//! [`Ledger::abort`] finishes it; [`Ledger::sweep`] aborts claims that were never
 //! finished, so a failed create never leaks a device. [`Ledger::rebuild`] loads the truth
-//! (existing servers) at start; until then the ledger is not ready and `reserve` answers
+//! (existing servers) at start; until then the ledger is not ready and `claim` answers
 //! `Unavailable`.
 //!
 //! # Rules
@@ -16,7 +16,7 @@
 //!   under a holder), and a whole GPU not while one of its former MIG instances is held
 //!   (both `Conflict`).
 //! - One request: 1 to [`MAX_DEVICES_PER_REQUEST`] devices, no duplicates, all on one
-//!   node (`BadRequest`). A holder that already holds or reserves devices gets `Conflict`;
+//!   node (`BadRequest`). A holder that already holds or claims devices gets `Conflict`;
 //!   so does a request for a taken device (named in the message). Unknown UUID:
 //!   `NotFound`. Over the user's quota: `QuotaExceeded`.
 //!
@@ -57,7 +57,7 @@ use crate::inventory::{Class, Dev, DevKey, InvState, Inventory};
 
 /// Devices taken for a holder, until [`Ledger::commit`] or [`Ledger::abort`].
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Reservation {
+pub struct Claim {
     pub id: u64,
     pub holder: Holder,
     pub node: String,
@@ -79,8 +79,8 @@ impl Default for Ledger {
 
 struct Hold {
     holder: Holder,
-    /// `Some` while reserved, `None` once committed.
-    reservation: Option<u64>,
+    /// `Some` while claimed, `None` once committed.
+    claim: Option<u64>,
     /// Node whose free counts include this device; `None` until known (after rebuild).
     node: Option<Arc<str>>,
     /// Parent GPU of a MIG instance, when known.
@@ -122,7 +122,7 @@ pub(crate) struct LedgerState {
     held: HashMap<String, Hold>,
     by_holder: HashMap<Holder, Vec<String>>,
     per_user: HashMap<String, u32>,
-    reservations: HashMap<u64, Pending>,
+    claims: HashMap<u64, Pending>,
     /// Held MIG instances per parent GPU: that GPU is not free whole.
     slices: HashMap<Arc<str>, u32>,
     index: FreeIndex,
@@ -131,7 +131,7 @@ pub(crate) struct LedgerState {
 type Picked = Vec<(Arc<str>, Option<Arc<str>>)>;
 
 impl Ledger {
-    /// An empty ledger that is not ready: `reserve` answers `Unavailable` until
+    /// An empty ledger that is not ready: `claim` answers `Unavailable` until
     /// [`Ledger::rebuild`].
     pub fn new() -> Self {
         Self {
@@ -141,7 +141,7 @@ impl Ledger {
                 held: HashMap::new(),
                 by_holder: HashMap::new(),
                 per_user: HashMap::new(),
-                reservations: HashMap::new(),
+                claims: HashMap::new(),
                 slices: HashMap::new(),
                 index: FreeIndex::default(),
             }),
@@ -149,7 +149,7 @@ impl Ledger {
         }
     }
 
-    /// Wakes after the next change of holdings (reserve, commit, abort, release, ...).
+    /// Wakes after the next change of holdings (claim, commit, abort, release, ...).
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changed.subscribe()
     }
@@ -159,14 +159,14 @@ impl Ledger {
     }
 
     /// Replaces all holdings with `held` (committed), from the servers that exist at
-    /// start; drops pending reservations; marks the ledger ready. A device listed twice
+    /// start; drops pending claims; marks the ledger ready. A device listed twice
     /// keeps its first holder (logged).
     pub fn rebuild(&self, held: impl IntoIterator<Item = (String, Holder)>) {
         let mut st = self.state();
         st.held.clear();
         st.by_holder.clear();
         st.per_user.clear();
-        st.reservations.clear();
+        st.claims.clear();
         st.slices.clear();
         st.index.synced = None;
         for (uuid, holder) in held {
@@ -188,7 +188,7 @@ impl Ledger {
                 uuid,
                 Hold {
                     holder,
-                    reservation: None,
+                    claim: None,
                     node: None,
                     parent: None,
                 },
@@ -203,18 +203,18 @@ impl Ledger {
         self.state().ready
     }
 
-    /// Atomically checks `req` and reserves its devices for `holder`.
+    /// Atomically checks `req` and claims its devices for `holder`.
     ///
     /// `max_devices_for_user`: the user's device quota; devices the user holds or has
-    /// reserved plus those requested must not exceed it. Errors: see the module docs.
-    pub fn reserve(
+    /// claimed plus those requested must not exceed it. Errors: see the module docs.
+    pub fn claim(
         &self,
         holder: Holder,
         req: &DeviceRequest,
         inventory: &Inventory,
         max_devices_for_user: Option<u32>,
         now_ms: u64,
-    ) -> Result<Reservation> {
+    ) -> Result<Claim> {
         let wanted = check_request(req)?;
         // Lock order: inventory, then ledger.
         let inv = inventory.read();
@@ -255,19 +255,19 @@ impl Ledger {
         Ok(granted)
     }
 
-    /// Makes a reservation permanent. Unknown, aborted or swept: `NotFound`.
+    /// Makes a claim permanent. Unknown, aborted or swept: `NotFound`.
     pub fn commit(&self, reservation_id: u64) -> Result<()> {
         let mut st = self.state();
-        let p = st.reservations.remove(&reservation_id).ok_or_else(|| {
+        let p = st.claims.remove(&reservation_id).ok_or_else(|| {
             Error::NotFound(format!(
-                "reservation {reservation_id} not found (aborted or expired)"
+                "claim {reservation_id} not found (aborted or expired)"
             ))
         })?;
         for uuid in &p.devices {
             if let Some(h) = st.held.get_mut(uuid)
-                && h.reservation == Some(reservation_id)
+                && h.claim == Some(reservation_id)
             {
-                h.reservation = None;
+                h.claim = None;
             }
         }
         drop(st);
@@ -275,13 +275,13 @@ impl Ledger {
         Ok(())
     }
 
-    /// Returns a reservation's devices to the pool; unknown ids are ignored.
+    /// Returns a claim's devices to the pool; unknown ids are ignored.
     pub fn abort(&self, reservation_id: u64) {
         self.state().abort(reservation_id);
         self.changed.notify();
     }
 
-    /// Frees everything `holder` holds, committed or reserved; returns those devices.
+    /// Frees everything `holder` holds, committed or claimed; returns those devices.
     pub fn release(&self, holder: &Holder) -> Vec<String> {
         let mut st = self.state();
         let Some(devices) = st.by_holder.remove(holder) else {
@@ -289,9 +289,9 @@ impl Ledger {
         };
         for uuid in &devices {
             if let Some(h) = st.free_hold(uuid)
-                && let Some(id) = h.reservation
+                && let Some(id) = h.claim
             {
-                st.reservations.remove(&id);
+                st.claims.remove(&id);
             }
         }
         st.uncount(&holder.user, devices.len());
@@ -300,7 +300,7 @@ impl Ledger {
         devices
     }
 
-    /// Who holds `uuid` (reserved or committed).
+    /// Who holds `uuid` (claimed or committed).
     pub fn holder(&self, uuid: &str) -> Option<Holder> {
         self.state().held.get(uuid).map(|h| h.holder.clone())
     }
@@ -311,23 +311,23 @@ impl Ledger {
         let mut out: Vec<_> = st
             .held
             .iter()
-            .map(|(u, h)| (u.clone(), h.holder.clone(), h.reservation.is_none()))
+            .map(|(u, h)| (u.clone(), h.holder.clone(), h.claim.is_none()))
             .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
     }
 
-    /// Devices held or reserved by all servers of `user`.
+    /// Devices held or claimed by all servers of `user`.
     pub fn devices_held_by(&self, user: &str) -> u32 {
         self.state().per_user.get(user).copied().unwrap_or(0)
     }
 
-    /// Aborts reservations older than `ttl`; returns their ids, ascending.
+    /// Aborts claims older than `ttl`; returns their ids, ascending.
     pub fn sweep(&self, now_ms: u64, ttl: Duration) -> Vec<u64> {
         let ttl_ms = ttl.as_millis().min(u64::MAX as u128) as u64;
         let mut st = self.state();
         let mut ids: Vec<u64> = st
-            .reservations
+            .claims
             .iter()
             .filter(|(_, p)| now_ms.saturating_sub(p.created_ms) > ttl_ms)
             .map(|(id, _)| *id)
@@ -335,8 +335,8 @@ impl Ledger {
         ids.sort_unstable();
         for &id in &ids {
             tracing::warn!(
-                reservation = id,
-                "aborting a reservation that was never committed"
+                claim = id,
+                "aborting a claim that was never committed"
             );
             st.abort(id);
         }
@@ -711,7 +711,7 @@ impl LedgerState {
         node: Arc<str>,
         picked: Picked,
         now_ms: u64,
-    ) -> Reservation {
+    ) -> Claim {
         let id = self.next_id;
         self.next_id += 1;
         let devices: Vec<String> = picked.iter().map(|(u, _)| u.to_string()).collect();
@@ -723,7 +723,7 @@ impl LedgerState {
                 uuid.to_string(),
                 Hold {
                     holder: holder.clone(),
-                    reservation: Some(id),
+                    claim: Some(id),
                     node: Some(node.clone()),
                     parent,
                 },
@@ -731,7 +731,7 @@ impl LedgerState {
         }
         *self.per_user.entry(holder.user.clone()).or_default() += devices.len() as u32;
         self.by_holder.insert(holder.clone(), devices.clone());
-        self.reservations.insert(
+        self.claims.insert(
             id,
             Pending {
                 holder: holder.clone(),
@@ -740,8 +740,8 @@ impl LedgerState {
             },
         );
         self.reindex(inv, &node);
-        tracing::debug!(reservation = id, user = %holder.user, server = %holder.server, node = %node, ?devices, "reserved");
-        Reservation {
+        tracing::debug!(claim = id, user = %holder.user, server = %holder.server, node = %node, ?devices, "claimed");
+        Claim {
             id,
             holder,
             node: node.to_string(),
@@ -750,7 +750,7 @@ impl LedgerState {
     }
 
     fn abort(&mut self, id: u64) {
-        let Some(p) = self.reservations.remove(&id) else {
+        let Some(p) = self.claims.remove(&id) else {
             return;
         };
         let mut freed = 0;
@@ -758,7 +758,7 @@ impl LedgerState {
             if self
                 .held
                 .get(uuid)
-                .is_some_and(|h| h.reservation == Some(id))
+                .is_some_and(|h| h.claim == Some(id))
             {
                 self.free_hold(uuid);
                 freed += 1;
@@ -868,30 +868,30 @@ mod tests {
         )
     }
 
-    fn err_of(r: Result<Reservation>) -> Error {
+    fn err_of(r: Result<Claim>) -> Error {
         r.expect_err("expected an error")
     }
 
     #[test]
-    fn reserve_is_unavailable_until_rebuilt() {
+    fn claim_is_unavailable_until_rebuilt() {
         let (inv, _) = setup(vec![plain_node("n1", 2, A100)]);
         let ledger = Ledger::new();
         assert!(!ledger.is_ready());
-        let e = err_of(ledger.reserve(h("a", "s"), &gpus(1, None), &inv, None, T0));
+        let e = err_of(ledger.claim(h("a", "s"), &gpus(1, None), &inv, None, T0));
         assert!(matches!(e, Error::Unavailable(_)));
         ledger.rebuild([("GPU-n1-0".into(), h("b", "old"))]);
         assert!(ledger.is_ready());
         let r = ledger
-            .reserve(h("a", "s"), &gpus(1, None), &inv, None, T0)
+            .claim(h("a", "s"), &gpus(1, None), &inv, None, T0)
             .unwrap();
         assert_eq!(r.devices, vec!["GPU-n1-1"]);
     }
 
     #[test]
-    fn exact_reserve_commit_abort_release() {
+    fn exact_claim_commit_abort_release() {
         let (inv, ledger) = setup(vec![plain_node("n1", 4, A100)]);
         let r = ledger
-            .reserve(
+            .claim(
                 h("ann", "nb"),
                 &exact(&["GPU-n1-2", "GPU-n1-0"]),
                 &inv,
@@ -910,7 +910,7 @@ mod tests {
         assert!(matches!(ledger.commit(9999), Err(Error::NotFound(_))));
 
         let r2 = ledger
-            .reserve(h("bob", "x"), &exact(&["GPU-n1-1"]), &inv, None, T0)
+            .claim(h("bob", "x"), &exact(&["GPU-n1-1"]), &inv, None, T0)
             .unwrap();
         ledger.abort(r2.id);
         ledger.abort(r2.id);
@@ -926,7 +926,7 @@ mod tests {
         assert!(ledger.release(&h("ann", "nb")).is_empty());
         // Everything is free again, also for a count request.
         let r = ledger
-            .reserve(h("c", "c"), &gpus(4, Some(A100)), &inv, None, T0)
+            .claim(h("c", "c"), &gpus(4, Some(A100)), &inv, None, T0)
             .unwrap();
         assert_eq!(r.devices.len(), 4);
     }
@@ -935,12 +935,12 @@ mod tests {
     fn release_frees_a_pending_reservation_too() {
         let (inv, ledger) = setup(vec![plain_node("n1", 1, A100)]);
         let r = ledger
-            .reserve(h("a", "s"), &gpus(1, None), &inv, None, T0)
+            .claim(h("a", "s"), &gpus(1, None), &inv, None, T0)
             .unwrap();
         assert_eq!(ledger.release(&h("a", "s")), vec!["GPU-n1-0"]);
         assert!(matches!(ledger.commit(r.id), Err(Error::NotFound(_))));
         ledger
-            .reserve(h("b", "s"), &gpus(1, None), &inv, None, T0)
+            .claim(h("b", "s"), &gpus(1, None), &inv, None, T0)
             .unwrap();
     }
 
@@ -951,7 +951,7 @@ mod tests {
             plain_node("n2", 1, A100),
             mig_node(),
         ]);
-        let bad = |req: DeviceRequest, needle: &str| match ledger.reserve(
+        let bad = |req: DeviceRequest, needle: &str| match ledger.claim(
             h("a", "s"),
             &req,
             &inv,
@@ -976,12 +976,12 @@ mod tests {
     #[test]
     fn unknown_taken_lost_and_stale_devices_are_refused() {
         let (inv, ledger) = setup(vec![plain_node("n1", 2, A100), mig_node()]);
-        let e = err_of(ledger.reserve(h("a", "s"), &exact(&["GPU-nope"]), &inv, None, T0));
+        let e = err_of(ledger.claim(h("a", "s"), &exact(&["GPU-nope"]), &inv, None, T0));
         assert!(matches!(e, Error::NotFound(ref m) if m.contains("GPU-nope")));
         ledger
-            .reserve(h("a", "s"), &exact(&["GPU-n1-0"]), &inv, None, T0)
+            .claim(h("a", "s"), &exact(&["GPU-n1-0"]), &inv, None, T0)
             .unwrap();
-        let e = err_of(ledger.reserve(
+        let e = err_of(ledger.claim(
             h("b", "s"),
             &exact(&["GPU-n1-1", "GPU-n1-0"]),
             &inv,
@@ -994,20 +994,20 @@ mod tests {
         );
         // Nothing of a refused request is held.
         assert_eq!(ledger.holder("GPU-n1-1"), None);
-        let e = err_of(ledger.reserve(h("b", "s"), &exact(&["GPU-m2"]), &inv, None, T0));
+        let e = err_of(ledger.claim(h("b", "s"), &exact(&["GPU-m2"]), &inv, None, T0));
         assert!(
             matches!(e, Error::Conflict(ref m) if m.contains("lost")),
             "{e:?}"
         );
         let stale = T0 + STALE_MS + 1;
-        let e = err_of(ledger.reserve(h("b", "s"), &exact(&["GPU-n1-1"]), &inv, None, stale));
+        let e = err_of(ledger.claim(h("b", "s"), &exact(&["GPU-n1-1"]), &inv, None, stale));
         assert!(
             matches!(e, Error::Conflict(ref m) if m.contains("stale")),
             "{e:?}"
         );
-        let e = err_of(ledger.reserve(h("b", "s"), &gpus(1, None), &inv, None, stale));
+        let e = err_of(ledger.claim(h("b", "s"), &gpus(1, None), &inv, None, stale));
         assert!(matches!(e, Error::Conflict(_)), "{e:?}");
-        let e = err_of(ledger.reserve(h("b", "s"), &mig("1g.10gb", None), &inv, None, stale));
+        let e = err_of(ledger.claim(h("b", "s"), &mig("1g.10gb", None), &inv, None, stale));
         assert!(matches!(e, Error::Conflict(_)), "{e:?}");
     }
 
@@ -1015,46 +1015,46 @@ mod tests {
     fn one_holder_holds_one_set_of_devices() {
         let (inv, ledger) = setup(vec![plain_node("n1", 4, A100)]);
         let r = ledger
-            .reserve(h("a", "s"), &gpus(1, None), &inv, None, T0)
+            .claim(h("a", "s"), &gpus(1, None), &inv, None, T0)
             .unwrap();
-        let e = err_of(ledger.reserve(h("a", "s"), &gpus(1, None), &inv, None, T0));
+        let e = err_of(ledger.claim(h("a", "s"), &gpus(1, None), &inv, None, T0));
         assert!(matches!(e, Error::Conflict(ref m) if m.contains("a/s already holds")));
         ledger.commit(r.id).unwrap();
         assert!(matches!(
-            ledger.reserve(h("a", "s"), &gpus(1, None), &inv, None, T0),
+            ledger.claim(h("a", "s"), &gpus(1, None), &inv, None, T0),
             Err(Error::Conflict(_))
         ));
         // Another server of the same user is fine.
         ledger
-            .reserve(h("a", "t"), &gpus(1, None), &inv, None, T0)
+            .claim(h("a", "t"), &gpus(1, None), &inv, None, T0)
             .unwrap();
     }
 
     #[test]
-    fn quota_counts_held_and_reserved_devices() {
+    fn quota_counts_held_and_claimed_devices() {
         let (inv, ledger) = setup(vec![plain_node("n1", 8, A100)]);
         let r = ledger
-            .reserve(h("a", "s1"), &gpus(2, None), &inv, Some(4), T0)
+            .claim(h("a", "s1"), &gpus(2, None), &inv, Some(4), T0)
             .unwrap();
         ledger.commit(r.id).unwrap();
         ledger
-            .reserve(h("a", "s2"), &gpus(1, None), &inv, Some(4), T0)
+            .claim(h("a", "s2"), &gpus(1, None), &inv, Some(4), T0)
             .unwrap();
-        let e = err_of(ledger.reserve(h("a", "s3"), &gpus(2, None), &inv, Some(4), T0));
+        let e = err_of(ledger.claim(h("a", "s3"), &gpus(2, None), &inv, Some(4), T0));
         assert!(
             matches!(e, Error::QuotaExceeded(ref m) if m.contains("holds 3 of 4")),
             "{e:?}"
         );
         ledger
-            .reserve(h("a", "s3"), &mig("1g.10gb", None), &inv, Some(3), T0)
+            .claim(h("a", "s3"), &mig("1g.10gb", None), &inv, Some(3), T0)
             .unwrap_err();
         ledger
-            .reserve(h("a", "s3"), &exact(&["GPU-n1-7"]), &inv, Some(4), T0)
+            .claim(h("a", "s3"), &exact(&["GPU-n1-7"]), &inv, Some(4), T0)
             .unwrap();
         assert_eq!(ledger.devices_held_by("a"), 4);
         // Other users are not affected.
         ledger
-            .reserve(h("b", "s"), &gpus(4, None), &inv, Some(4), T0)
+            .claim(h("b", "s"), &gpus(4, None), &inv, Some(4), T0)
             .unwrap();
     }
 
@@ -1062,19 +1062,19 @@ mod tests {
     fn mig_mode_switched_on_under_a_holder_keeps_its_instances_unavailable() {
         let (inv, ledger) = setup(vec![plain_node("n1", 1, A100)]);
         let r = ledger
-            .reserve(h("a", "s"), &exact(&["GPU-n1-0"]), &inv, None, T0)
+            .claim(h("a", "s"), &exact(&["GPU-n1-0"]), &inv, None, T0)
             .unwrap();
         ledger.commit(r.id).unwrap();
         let mut push = next(&plain_node("n1", 1, A100));
         push.gpus[0] = with_mig(push.gpus[0].clone(), &[("MIG-x", "1g.10gb")]);
         inv.ingest("n1", push, T0 + 1).unwrap();
-        let e = err_of(ledger.reserve(h("b", "s"), &exact(&["MIG-x"]), &inv, None, T0 + 1));
+        let e = err_of(ledger.claim(h("b", "s"), &exact(&["MIG-x"]), &inv, None, T0 + 1));
         assert!(
             matches!(e, Error::Conflict(ref m) if m.contains("GPU-n1-0 is allocated whole")),
             "{e:?}"
         );
         assert!(matches!(
-            ledger.reserve(h("b", "s"), &mig("1g.10gb", None), &inv, None, T0 + 1),
+            ledger.claim(h("b", "s"), &mig("1g.10gb", None), &inv, None, T0 + 1),
             Err(Error::Conflict(_))
         ));
         let listed = inv
@@ -1085,7 +1085,7 @@ mod tests {
         // Released: the instance becomes allocatable, the GPU never whole.
         ledger.release(&h("a", "s"));
         let r = ledger
-            .reserve(h("b", "s"), &mig("1g.10gb", None), &inv, None, T0 + 1)
+            .claim(h("b", "s"), &mig("1g.10gb", None), &inv, None, T0 + 1)
             .unwrap();
         assert_eq!(r.devices, vec!["MIG-x"]);
     }
@@ -1097,7 +1097,7 @@ mod tests {
             vec![with_mig(gpu(0, "GPU-g", A100), &[("MIG-s", "7g.80gb")])],
         )]);
         ledger
-            .reserve(h("a", "s"), &exact(&["MIG-s"]), &inv, None, T0)
+            .claim(h("a", "s"), &exact(&["MIG-s"]), &inv, None, T0)
             .unwrap();
         inv.ingest(
             "n1",
@@ -1105,19 +1105,19 @@ mod tests {
             T0 + 1,
         )
         .unwrap();
-        let e = err_of(ledger.reserve(h("b", "s"), &exact(&["GPU-g"]), &inv, None, T0 + 1));
+        let e = err_of(ledger.claim(h("b", "s"), &exact(&["GPU-g"]), &inv, None, T0 + 1));
         assert!(
             matches!(e, Error::Conflict(ref m) if m.contains("MIG instances are still allocated")),
             "{e:?}"
         );
         assert!(
             ledger
-                .reserve(h("b", "s"), &gpus(1, None), &inv, None, T0 + 1)
+                .claim(h("b", "s"), &gpus(1, None), &inv, None, T0 + 1)
                 .is_err()
         );
         ledger.release(&h("a", "s"));
         ledger
-            .reserve(h("b", "s"), &gpus(1, None), &inv, None, T0 + 1)
+            .claim(h("b", "s"), &gpus(1, None), &inv, None, T0 + 1)
             .unwrap();
     }
 
@@ -1141,7 +1141,7 @@ mod tests {
         ]);
         let place = |server: &str, count: u32, model: Option<&str>| {
             ledger
-                .reserve(h("u", server), &gpus(count, model), &inv, None, T0)
+                .claim(h("u", server), &gpus(count, model), &inv, None, T0)
                 .map(|r| (r.node, r.devices))
         };
         assert_eq!(
@@ -1187,7 +1187,7 @@ mod tests {
             plain_node("c", 4, A100),
         ]);
         let r = ledger
-            .reserve(h("u", "1"), &gpus(2, None), &inv, None, T0)
+            .claim(h("u", "1"), &gpus(2, None), &inv, None, T0)
             .unwrap();
         assert_eq!(r.node, "a");
         ledger.release(&h("u", "1"));
@@ -1196,7 +1196,7 @@ mod tests {
         inv.ingest("c", next(&plain_node("c", 4, A100)), later)
             .unwrap();
         let r = ledger
-            .reserve(h("u", "2"), &gpus(2, None), &inv, None, later)
+            .claim(h("u", "2"), &gpus(2, None), &inv, None, later)
             .unwrap();
         assert_eq!(r.node, "c");
     }
@@ -1222,7 +1222,7 @@ mod tests {
         let (inv, ledger) = setup(vec![mk("x", &[(0, 3), (1, 2)]), mk("y", &[(0, 7)])]);
         let place = |s: &str| {
             ledger
-                .reserve(h("u", s), &mig("1g.10gb", None), &inv, None, T0)
+                .claim(h("u", s), &mig("1g.10gb", None), &inv, None, T0)
                 .unwrap()
                 .devices
         };
@@ -1233,16 +1233,16 @@ mod tests {
         assert_eq!(place("4"), vec!["MIG-x0-1"]);
         assert_eq!(place("5"), vec!["MIG-x0-2"]);
         assert_eq!(place("6"), vec!["MIG-y0-0"]);
-        let e = err_of(ledger.reserve(h("u", "z"), &mig("3g.40gb", None), &inv, None, T0));
+        let e = err_of(ledger.claim(h("u", "z"), &mig("3g.40gb", None), &inv, None, T0));
         assert!(
             matches!(e, Error::Conflict(ref m) if m == "no fresh node has a free MIG instance of profile 3g.40gb")
         );
-        let e = err_of(ledger.reserve(h("u", "z"), &mig("1g.10gb", Some(H100)), &inv, None, T0));
+        let e = err_of(ledger.claim(h("u", "z"), &mig("1g.10gb", Some(H100)), &inv, None, T0));
         assert!(matches!(e, Error::Conflict(ref m) if m.contains(H100)));
         // Tie between two GPUs with 1 free each: the lower index.
         let (inv, ledger) = setup(vec![mk("t", &[(3, 1), (1, 1)])]);
         let r = ledger
-            .reserve(h("u", "1"), &mig("1g.10gb", Some(A100)), &inv, None, T0)
+            .claim(h("u", "1"), &mig("1g.10gb", Some(A100)), &inv, None, T0)
             .unwrap();
         assert_eq!(r.devices, vec!["MIG-t1-0"]);
     }
@@ -1251,16 +1251,16 @@ mod tests {
     fn sweep_aborts_only_old_reservations() {
         let (inv, ledger) = setup(vec![plain_node("n1", 3, A100)]);
         let old = ledger
-            .reserve(h("a", "1"), &gpus(1, None), &inv, None, T0)
+            .claim(h("a", "1"), &gpus(1, None), &inv, None, T0)
             .unwrap();
         let done = ledger
-            .reserve(h("a", "2"), &gpus(1, None), &inv, None, T0)
+            .claim(h("a", "2"), &gpus(1, None), &inv, None, T0)
             .unwrap();
         ledger.commit(done.id).unwrap();
         inv.ingest("n1", next(&plain_node("n1", 3, A100)), T0 + 50_000)
             .unwrap();
         let young = ledger
-            .reserve(h("a", "3"), &gpus(1, None), &inv, None, T0 + 50_000)
+            .claim(h("a", "3"), &gpus(1, None), &inv, None, T0 + 50_000)
             .unwrap();
         let ttl = Duration::from_secs(60);
         assert!(ledger.sweep(T0 + 60_000, ttl).is_empty());
@@ -1275,7 +1275,7 @@ mod tests {
     fn rebuild_replaces_holdings_and_drops_pending_reservations() {
         let (inv, ledger) = setup(vec![plain_node("n1", 4, A100), mig_node()]);
         let pending = ledger
-            .reserve(h("a", "1"), &gpus(2, None), &inv, None, T0)
+            .claim(h("a", "1"), &gpus(2, None), &inv, None, T0)
             .unwrap();
         ledger.rebuild([
             ("GPU-n1-3".into(), h("b", "x")),
@@ -1295,20 +1295,20 @@ mod tests {
         );
         assert!(ledger.holdings().iter().all(|(_, _, committed)| *committed));
         // The rebuilt holdings count in the free counts.
-        let r = ledger.reserve(h("a", "2"), &gpus(4, Some(A100)), &inv, None, T0);
+        let r = ledger.claim(h("a", "2"), &gpus(4, Some(A100)), &inv, None, T0);
         assert!(matches!(r, Err(Error::Conflict(_))));
         let r = ledger
-            .reserve(h("a", "2"), &gpus(3, Some(A100)), &inv, None, T0)
+            .claim(h("a", "2"), &gpus(3, Some(A100)), &inv, None, T0)
             .unwrap();
         assert_eq!(r.node, "n1");
         let r = ledger
-            .reserve(h("a", "3"), &mig("1g.10gb", None), &inv, None, T0)
+            .claim(h("a", "3"), &mig("1g.10gb", None), &inv, None, T0)
             .unwrap();
         assert_eq!(r.devices, vec!["MIG-m0-1"]);
         // Releasing a rebuilt holding frees it.
         assert_eq!(ledger.release(&h("b", "x")), vec!["GPU-n1-3"]);
         ledger
-            .reserve(h("a", "4"), &gpus(1, Some(A100)), &inv, None, T0)
+            .claim(h("a", "4"), &gpus(1, Some(A100)), &inv, None, T0)
             .unwrap();
         assert_eq!(ledger.release(&h("c", "z")), vec!["GPU-gone"]);
     }
@@ -1317,20 +1317,20 @@ mod tests {
     fn free_counts_follow_layout_changes() {
         let (inv, ledger) = setup(vec![plain_node("n1", 2, A100)]);
         ledger
-            .reserve(h("a", "1"), &gpus(1, None), &inv, None, T0)
+            .claim(h("a", "1"), &gpus(1, None), &inv, None, T0)
             .unwrap();
         // n1 now reports 4 GPUs: 3 free.
         inv.ingest("n1", next(&plain_node("n1", 4, A100)), T0 + 1)
             .unwrap();
         let r = ledger
-            .reserve(h("a", "2"), &gpus(3, None), &inv, None, T0 + 1)
+            .claim(h("a", "2"), &gpus(3, None), &inv, None, T0 + 1)
             .unwrap();
         assert_eq!(r.devices, vec!["GPU-n1-1", "GPU-n1-2", "GPU-n1-3"]);
         // A different inventory instance is never trusted with old counts.
         let other = Inventory::new(Duration::from_millis(STALE_MS));
         other.ingest("z", plain_node("z", 1, A100), T0).unwrap();
         let r = ledger
-            .reserve(h("a", "3"), &gpus(1, None), &other, None, T0)
+            .claim(h("a", "3"), &gpus(1, None), &other, None, T0)
             .unwrap();
         assert_eq!(r.node, "z");
     }

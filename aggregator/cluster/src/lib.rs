@@ -22,7 +22,7 @@ use crate::inventory::{
     Availability, DeviceQuery, DeviceView, FleetSummary, Ingested, Inventory, NodeCounts, NodeRow,
     NodeView, Page,
 };
-use crate::ledger::{Ledger, Reservation};
+use crate::ledger::{Ledger, Claim};
 
 /// The inventory and the ledger, used together. `Send + Sync`; share it as
 /// `Arc<Cluster>`.
@@ -89,16 +89,16 @@ impl Cluster {
         self.inventory.counts(now_ms)
     }
 
-    /// Takes devices for `holder` (see [`Ledger::reserve`]).
-    pub fn reserve(
+    /// Takes devices for `holder` (see [`Ledger::claim`]).
+    pub fn claim(
         &self,
         holder: Holder,
         req: &DeviceRequest,
         max_devices: Option<u32>,
         now_ms: u64,
-    ) -> Result<Reservation> {
+    ) -> Result<Claim> {
         self.ledger
-            .reserve(holder, req, &self.inventory, max_devices, now_ms)
+            .claim(holder, req, &self.inventory, max_devices, now_ms)
     }
 
     /// Wakes after a stored push.

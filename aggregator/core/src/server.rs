@@ -94,7 +94,7 @@ impl Mount {
     }
 }
 
-/// A server to create, validated and with its devices reserved.
+/// A server to create, validated and with its devices claimed.
 #[derive(Clone, Debug)]
 pub struct ServerSpec {
     pub owner: String,

@@ -119,7 +119,7 @@ impl Metrics {
         );
         r.register(
             "kcloud_devices_held",
-            "Devices reserved or allocated to servers.",
+            "Devices claimed or allocated to servers.",
             m.devices_held.clone(),
         );
         r.register(

@@ -53,7 +53,7 @@ pub struct Me {
     pub user: User,
     /// The user's own quota with unset fields taken from the configured defaults.
     pub effective_quota: Quota,
-    /// Devices (GPUs and MIG instances) held or reserved now.
+    /// Devices (GPUs and MIG instances) held or claimed now.
     pub devices_held: u32,
 }
 

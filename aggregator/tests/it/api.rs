@@ -852,7 +852,7 @@ async fn inventory_views_filter_page_and_redact_holders() {
     let res = app
         .state
         .cluster
-        .reserve(
+        .claim(
             Holder {
                 user: "alice".into(),
                 server: "nb1".into(),

@@ -146,12 +146,12 @@ impl Stream {
     }
 }
 
-/// Bob's server `server` takes `uuid` (reserved and committed, as a create does).
+/// Bob's server `server` takes `uuid` (claimed and committed, as a create does).
 fn bob_takes(app: &TestApp, server: &str, uuid: &str) {
     let res = app
         .state
         .cluster
-        .reserve(
+        .claim(
             Holder::new("bob", server),
             &DeviceRequest::Exact(vec![uuid.into()]),
             None,
@@ -214,7 +214,7 @@ async fn event_stream_sends_state_then_redacted_changes_and_ends_for_disabled_us
     let res = app
         .state
         .cluster
-        .reserve(
+        .claim(
             Holder {
                 user: "bob".into(),
                 server: "nb".into(),

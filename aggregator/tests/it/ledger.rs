@@ -179,14 +179,14 @@ fn op() -> impl Strategy<Value = Op> {
 struct Model {
     /// uuid → (holder, committed)
     held: BTreeMap<String, (Holder, bool)>,
-    /// reservation id → (holder, devices, created)
+    /// claim id → (holder, devices, created)
     pending: BTreeMap<u64, (Holder, Vec<String>, u64)>,
-    /// Every reservation id handed out, to commit or abort (also stale ones).
+    /// Every claim id handed out, to commit or abort (also stale ones).
     ids: Vec<u64>,
 }
 
 impl Model {
-    fn drop_reservation(&mut self, id: u64) {
+    fn drop_claim(&mut self, id: u64) {
         if let Some((_, devices, _)) = self.pending.remove(&id) {
             for d in devices {
                 self.held.remove(&d);
@@ -369,7 +369,7 @@ fn run_ops(ops: Vec<Op>) {
                         )
                     }
                 };
-                let result = ledger.reserve(h.clone(), &request, &inv, quota, now);
+                let result = ledger.claim(h.clone(), &request, &inv, quota, now);
                 let holds_already = model.held.values().any(|(x, _)| *x == h);
                 let wanted = match &request {
                     DeviceRequest::Exact(u) => {
@@ -447,7 +447,7 @@ fn run_ops(ops: Vec<Op>) {
             Op::Abort(i) => {
                 if let Some(&id) = model.ids.get(i % model.ids.len().max(1)) {
                     ledger.abort(id);
-                    model.drop_reservation(id);
+                    model.drop_claim(id);
                 }
             }
             Op::Release { user, server } => {
@@ -494,7 +494,7 @@ fn run_ops(ops: Vec<Op>) {
                     .collect();
                 assert_eq!(ledger.sweep(now, Duration::from_millis(ttl)), expected);
                 for id in expected {
-                    model.drop_reservation(id);
+                    model.drop_claim(id);
                 }
             }
         }
@@ -661,7 +661,7 @@ fn concurrent_reservations_never_share_a_device() {
                         },
                     };
                     let now = now_ms();
-                    let Ok(r) = ledger.reserve(h.clone(), &req, &inv, None, now) else {
+                    let Ok(r) = ledger.claim(h.clone(), &req, &inv, None, now) else {
                         continue;
                     };
                     granted.fetch_add(1, Ordering::Relaxed);
@@ -858,7 +858,7 @@ fn timings_at_80k_devices() {
                 .collect(),
         );
         let r = ledger
-            .reserve(holder("filler", name), &req, &inv, None, now)
+            .claim(holder("filler", name), &req, &inv, None, now)
             .unwrap();
         ledger.commit(r.id).unwrap();
     }
@@ -945,7 +945,7 @@ fn timings_at_80k_devices() {
         }
     });
 
-    // Exact reserve + commit, then release outside the timing.
+    // Exact claim + commit, then release outside the timing.
     let free_gpus: Vec<(String, String)> = (0..10_000usize)
         .filter(|i| i % 10 < 9 && i % 3 != 0)
         .flat_map(|i| (0..8).map(move |g| (i, g)))
@@ -958,11 +958,11 @@ fn timings_at_80k_devices() {
         .take(20_000)
         .collect();
     let mut held = Vec::with_capacity(free_gpus.len());
-    per_op("reserve+commit, exact UUID", free_gpus.len(), || {
+    per_op("claim+commit, exact UUID", free_gpus.len(), || {
         for (k, (_, uuid)) in free_gpus.iter().enumerate() {
             let h = holder("bench", &format!("e{k}"));
             let r = ledger
-                .reserve(
+                .claim(
                     h.clone(),
                     &DeviceRequest::Exact(vec![uuid.clone()]),
                     &inv,
@@ -980,14 +980,14 @@ fn timings_at_80k_devices() {
         }
     });
     let n = 20_000;
-    per_op("reserve+commit, Gpus{count: 1, model}", n, || {
+    per_op("claim+commit, Gpus{count: 1, model}", n, || {
         for k in 0..n {
             let h = holder("bench", &format!("g{k}"));
             let req = DeviceRequest::Gpus {
                 count: 1,
                 model: Some(H100.into()),
             };
-            let r = ledger.reserve(h.clone(), &req, &inv, None, now).unwrap();
+            let r = ledger.claim(h.clone(), &req, &inv, None, now).unwrap();
             ledger.commit(r.id).unwrap();
             held.push(h);
         }
@@ -995,14 +995,14 @@ fn timings_at_80k_devices() {
     for h in held.drain(..) {
         ledger.release(&h);
     }
-    per_op("reserve+commit, Gpus{count: 8}", 2_000, || {
+    per_op("claim+commit, Gpus{count: 8}", 2_000, || {
         for k in 0..2_000 {
             let h = holder("bench", &format!("g8-{k}"));
             let req = DeviceRequest::Gpus {
                 count: 8,
                 model: None,
             };
-            let r = ledger.reserve(h.clone(), &req, &inv, None, now).unwrap();
+            let r = ledger.claim(h.clone(), &req, &inv, None, now).unwrap();
             ledger.commit(r.id).unwrap();
             held.push(h);
         }
@@ -1010,19 +1010,19 @@ fn timings_at_80k_devices() {
     for h in held.drain(..) {
         ledger.release(&h);
     }
-    per_op("reserve+commit, Mig{1g.10gb}", 5_000, || {
+    per_op("claim+commit, Mig{1g.10gb}", 5_000, || {
         for k in 0..5_000 {
             let h = holder("bench", &format!("m{k}"));
             let req = DeviceRequest::Mig {
                 profile: "1g.10gb".into(),
                 model: None,
             };
-            let r = ledger.reserve(h.clone(), &req, &inv, None, now).unwrap();
+            let r = ledger.claim(h.clone(), &req, &inv, None, now).unwrap();
             ledger.commit(r.id).unwrap();
             held.push(h);
         }
     });
-    per_op("release + next reserve (dirty node refresh)", 5_000, || {
+    per_op("release + next claim (dirty node refresh)", 5_000, || {
         for (k, h) in held.drain(..).enumerate() {
             ledger.release(&h);
             let h = holder("bench", &format!("m2-{k}"));
@@ -1030,7 +1030,7 @@ fn timings_at_80k_devices() {
                 profile: "1g.10gb".into(),
                 model: None,
             };
-            let r = ledger.reserve(h, &req, &inv, None, now).unwrap();
+            let r = ledger.claim(h, &req, &inv, None, now).unwrap();
             ledger.commit(r.id).unwrap();
         }
     });

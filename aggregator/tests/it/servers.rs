@@ -1132,7 +1132,7 @@ async fn races_quotas_and_bad_requests() {
         assert_error(&r, status, needle);
     }
     // No jupyter on this host (--jupyter-command points nowhere): a clear 503, and the
-    // device reserved for it is free again.
+    // device claimed for it is free again.
     let r = app
         .call(
             Method::POST,

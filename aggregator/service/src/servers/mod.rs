@@ -1,4 +1,4 @@
-//! Servers: create (validate → quota → reserve devices → provision → commit), delete,
+//! Servers: create (validate → quota → claim devices → provision → commit), delete,
 //! cull and the end of a server that stopped by itself. This module is the only one
 //! that gives devices back to the ledger and the only writer of servers' audit
 //! entries.
@@ -7,7 +7,7 @@
 //! and frees its devices before it returns; a server that does not exist (never did,
 //! or already deleted) is 404, so a repeated delete changes nothing and says so.
 //! Creates and deletes run to their end even when the caller goes away: one dropped
-//! between the provisioner and the ledger would leave a server whose reservation the
+//! between the provisioner and the ledger would leave a server whose claim the
 //! sweep later hands out again, or a deleted server whose devices stay held.
 
 use std::collections::BTreeMap;
@@ -40,8 +40,8 @@ const MAX_IMAGE: usize = 255;
 /// Log lines a tail may ask for.
 pub const DEFAULT_LOG_LINES: usize = 200;
 pub const MAX_LOG_LINES: usize = 10_000;
-/// How long a reservation may stay uncommitted before it is released.
-pub const RESERVATION_TTL: Duration = Duration::from_secs(600);
+/// How long a claim may stay uncommitted before it is released.
+pub const CLAIM_TTL: Duration = Duration::from_secs(600);
 
 /// "N whole GPUs" (`count`, optionally of `model`) or "one MIG instance of
 /// `mig_profile`" (optionally on `model`), placed by the ledger.
@@ -160,9 +160,9 @@ impl Servers {
         Ok(servers)
     }
 
-    /// Releases reservations whose create never finished, so no device leaks.
-    pub fn sweep_reservations(&self, now_ms: u64) -> usize {
-        self.cluster.ledger().sweep(now_ms, RESERVATION_TTL).len()
+    /// Releases claims whose create never finished, so no device leaks.
+    pub fn sweep_claims(&self, now_ms: u64) -> usize {
+        self.cluster.ledger().sweep(now_ms, CLAIM_TTL).len()
     }
 
     /// The servers `caller` may see: their own, or with `owner` that user's (admins:
@@ -234,18 +234,18 @@ impl Servers {
             .resolve_mounts(user, owner.role, plan.mounts.clone(), &mine)
             .await?;
         let holder = Holder::new(user, &plan.name);
-        let reservation = match &plan.devices {
-            Some(req) => Some(self.cluster.reserve(holder, req, quota.gpus, now_ms())?),
+        let claim = match &plan.devices {
+            Some(req) => Some(self.cluster.claim(holder, req, quota.gpus, now_ms())?),
             None => None,
         };
-        let devices = reservation
+        let devices = claim
             .as_ref()
             .map(|r| r.devices.clone())
             .unwrap_or_default();
         let spec = ServerSpec {
             owner: user.to_owned(),
             name: plan.name.clone(),
-            node: reservation.as_ref().map(|r| r.node.clone()),
+            node: claim.as_ref().map(|r| r.node.clone()),
             addresses: self.cluster.inventory().addresses(&devices),
             devices,
             cpu_millis: plan.cpu_millis,
@@ -258,13 +258,13 @@ impl Servers {
         let mut server = match self.provisioner.create(spec).await {
             Ok(server) => server,
             Err(e) => {
-                if let Some(r) = &reservation {
+                if let Some(r) = &claim {
                     ledger.abort(r.id);
                 }
                 return Err(e);
             }
         };
-        if let Some(r) = &reservation
+        if let Some(r) = &claim
             && let Err(e) = ledger.commit(r.id)
         {
             // The server may already have ended, which released its devices with it:
@@ -277,7 +277,7 @@ impl Servers {
                     }
                     ledger.release(&server.holder());
                     return Err(Error::Internal(format!(
-                        "committing the device reservation: {e}"
+                        "committing the device claim: {e}"
                     )));
                 }
             }
