@@ -36,6 +36,7 @@ use kcloud_service::auth::{Auth, AuthConfig, SigningKey};
 use kcloud_service::culler::{self, Culler};
 use kcloud_service::locks::OwnerLocks;
 use kcloud_service::prometheus::Prometheus;
+use kcloud_service::reservations::Reservations;
 use kcloud_service::servers::{ReleaseOnExit, Servers};
 use kcloud_service::users::Users;
 use kcloud_service::volumes::Volumes;
@@ -108,7 +109,7 @@ pub async fn build_with(config: &Config, kube_client: Option<kube::Client>) -> R
     )?;
 
     let cluster = Arc::new(Cluster::new(config.agent_heartbeat * 3));
-    let exits = ReleaseOnExit::new(cluster.clone());
+    let exits = ReleaseOnExit::with_usage(cluster.clone(), repo.clone(), settings.clone());
     let (backend, provisioner): (Box<dyn VolumeBackend>, Arc<dyn Provisioner>) =
         match config.provisioner {
             ProvisionerKind::Local => {
@@ -182,6 +183,11 @@ pub async fn build_with(config: &Config, kube_client: Option<kube::Client>) -> R
         settings.clone(),
         locks,
     ));
+    let reservations = Arc::new(Reservations::new(
+        repo.clone(),
+        cluster.clone(),
+        settings.clone(),
+    ));
     let users = Arc::new(Users::new(
         repo,
         auth.clone(),
@@ -192,6 +198,7 @@ pub async fn build_with(config: &Config, kube_client: Option<kube::Client>) -> R
     // The ledger is rebuilt from the servers that exist (adopted or not) before the
     // API serves: until then /readyz is 503 and allocations wait.
     servers.recover().await?;
+    reservations.recover().await?;
     let embedded_agent = match (&config.simulate, config.local_agent) {
         (Some(preset), _) => Some(embedded_agent::EmbeddedAgent::simulated(
             preset,
@@ -219,6 +226,7 @@ pub async fn build_with(config: &Config, kube_client: Option<kube::Client>) -> R
         auth,
         users,
         servers,
+        reservations,
         volumes,
         cluster,
         settings,
@@ -258,6 +266,12 @@ impl App {
             tokio::spawn(agent.run(state.cluster.clone(), shutdown.clone()));
         }
         tokio::spawn(sweep_claims(state.servers.clone(), shutdown.clone()));
+        tokio::spawn(
+            state
+                .servers
+                .clone()
+                .run_scheduler(state.reservations.clone(), shutdown.clone()),
+        );
         if let Some(p) = &state.prometheus {
             tokio::spawn(p.clone().run(shutdown.clone()));
         }

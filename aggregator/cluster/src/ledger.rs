@@ -64,6 +64,37 @@ pub struct Claim {
     pub devices: Vec<String>,
 }
 
+/// Devices a claim must not take now, each with why: reserved by someone else in
+/// this window, or promised to a request that waits ahead in the queue.
+#[derive(Clone, Debug, Default)]
+pub struct Avoid {
+    devices: HashMap<String, String>,
+}
+
+impl Avoid {
+    pub fn insert(&mut self, uuid: &str, why: impl FnOnce() -> String) {
+        if !self.devices.contains_key(uuid) {
+            self.devices.insert(uuid.to_owned(), why());
+        }
+    }
+
+    pub fn contains(&self, uuid: &str) -> bool {
+        self.devices.contains_key(uuid)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.devices.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.devices.len()
+    }
+
+    fn why(&self, uuid: &str) -> Option<&str> {
+        self.devices.get(uuid).map(String::as_str)
+    }
+}
+
 /// The allocation ledger. `Send + Sync`; share it as `Arc<Ledger>`.
 pub struct Ledger {
     state: Mutex<LedgerState>,
@@ -215,6 +246,27 @@ impl Ledger {
         max_devices_for_user: Option<u32>,
         now_ms: u64,
     ) -> Result<Claim> {
+        self.claim_avoiding(
+            holder,
+            req,
+            inventory,
+            max_devices_for_user,
+            now_ms,
+            &Avoid::default(),
+        )
+    }
+
+    /// [`Ledger::claim`], never taking a device in `avoid` (an exact request for one
+    /// is `Conflict` with its reason; placement looks further).
+    pub fn claim_avoiding(
+        &self,
+        holder: Holder,
+        req: &DeviceRequest,
+        inventory: &Inventory,
+        max_devices_for_user: Option<u32>,
+        now_ms: u64,
+        avoid: &Avoid,
+    ) -> Result<Claim> {
         let wanted = check_request(req)?;
         // Lock order: inventory, then ledger.
         let inv = inventory.read();
@@ -241,12 +293,12 @@ impl Ledger {
         }
         st.sync(&inv);
         let (node, picked) = match req {
-            DeviceRequest::Exact(uuids) => st.resolve_exact(&inv, uuids, now_ms)?,
+            DeviceRequest::Exact(uuids) => st.resolve_exact(&inv, uuids, now_ms, avoid)?,
             DeviceRequest::Gpus { count, model } => {
-                st.resolve_gpus(&inv, *count, model.as_deref(), now_ms)?
+                st.resolve_gpus(&inv, *count, model.as_deref(), now_ms, avoid)?
             }
             DeviceRequest::Mig { profile, model } => {
-                st.resolve_mig(&inv, profile, model.as_deref(), now_ms)?
+                st.resolve_mig(&inv, profile, model.as_deref(), now_ms, avoid)?
             }
         };
         let granted = st.grant(&inv, holder, node, picked, now_ms);
@@ -334,10 +386,7 @@ impl Ledger {
             .collect();
         ids.sort_unstable();
         for &id in &ids {
-            tracing::warn!(
-                claim = id,
-                "aborting a claim that was never committed"
-            );
+            tracing::warn!(claim = id, "aborting a claim that was never committed");
             st.abort(id);
         }
         drop(st);
@@ -513,6 +562,7 @@ impl LedgerState {
         inv: &InvState,
         uuids: &[String],
         now_ms: u64,
+        avoid: &Avoid,
     ) -> Result<(Arc<str>, Picked)> {
         let mut found: Vec<(&DevKey, &Dev)> = Vec::with_capacity(uuids.len());
         for u in uuids {
@@ -545,6 +595,9 @@ impl LedgerState {
             )));
         }
         for (_, d) in &found {
+            if let Some(why) = avoid.why(&d.uuid) {
+                return Err(Error::Conflict(format!("device {}: {why}", d.uuid)));
+            }
             if d.lost {
                 return Err(Error::Conflict(format!("device {} is lost", d.uuid)));
             }
@@ -579,14 +632,34 @@ impl LedgerState {
 
     /// Best fit over `classes`: the fresh node with the fewest free devices of a class
     /// that still has `need`, ties by node name, then model and profile name.
+    ///
+    /// With `avoid`, a node holding an avoided device counts only its other free
+    /// devices (its place in the order stays that of all its free devices).
     fn best_fit(
         &self,
         inv: &InvState,
         classes: &[Class],
         need: u32,
         now_ms: u64,
+        avoid: &Avoid,
     ) -> Option<(Class, Arc<str>)> {
         let floor: Arc<str> = Arc::from("");
+        let avoided_nodes: HashSet<&Arc<str>> = avoid
+            .devices
+            .keys()
+            .filter_map(|u| inv.device(u).map(|(k, _)| &k.node))
+            .collect();
+        let fits = |class: &Class, node: &Arc<str>| {
+            !avoided_nodes.contains(node)
+                || inv
+                    .node_devices(node)
+                    .filter(|(_, d)| {
+                        d.class == *class && !avoid.contains(&d.uuid) && self.device_free(d)
+                    })
+                    .take(need as usize)
+                    .count()
+                    == need as usize
+        };
         let mut best: Option<(u32, &Arc<str>, &str, &str, Class)> = None;
         for class in classes {
             let Some(set) = self.index.sets.get(class) else {
@@ -594,7 +667,7 @@ impl LedgerState {
             };
             let Some((free, node)) = set
                 .range((need, floor.clone())..)
-                .find(|(_, n)| inv.node_fresh(n, now_ms))
+                .find(|(_, n)| inv.node_fresh(n, now_ms) && fits(class, n))
             else {
                 continue;
             };
@@ -620,6 +693,7 @@ impl LedgerState {
         count: u32,
         model: Option<&str>,
         now_ms: u64,
+        avoid: &Avoid,
     ) -> Result<(Arc<str>, Picked)> {
         let classes: Vec<Class> = match model {
             Some(m) => inv
@@ -633,7 +707,7 @@ impl LedgerState {
                 .collect(),
             None => self.index.sets.keys().filter(|c| !c.mig).copied().collect(),
         };
-        let Some((class, node)) = self.best_fit(inv, &classes, count, now_ms) else {
+        let Some((class, node)) = self.best_fit(inv, &classes, count, now_ms, avoid) else {
             let noun = if count == 1 { "GPU" } else { "GPUs" };
             return Err(Error::Conflict(match model {
                 Some(m) => format!("no fresh node has {count} free {m} {noun}"),
@@ -642,7 +716,7 @@ impl LedgerState {
         };
         let picked: Picked = inv
             .node_devices(&node)
-            .filter(|(_, d)| d.class == class && self.device_free(d))
+            .filter(|(_, d)| d.class == class && !avoid.contains(&d.uuid) && self.device_free(d))
             .take(count as usize)
             .map(|(_, d)| (d.uuid.clone(), None))
             .collect();
@@ -660,6 +734,7 @@ impl LedgerState {
         profile: &str,
         model: Option<&str>,
         now_ms: u64,
+        avoid: &Avoid,
     ) -> Result<(Arc<str>, Picked)> {
         let none = || {
             Error::Conflict(match model {
@@ -681,11 +756,13 @@ impl LedgerState {
             .filter(|c| c.mig && c.profile == pid && mid.is_none_or(|m| c.model == m))
             .copied()
             .collect();
-        let (class, node) = self.best_fit(inv, &classes, 1, now_ms).ok_or_else(none)?;
+        let (class, node) = self
+            .best_fit(inv, &classes, 1, now_ms, avoid)
+            .ok_or_else(none)?;
         // Per GPU, in GPU order: (free matching instances, first of them).
         let mut per_gpu: Vec<(u32, u32, &Dev)> = Vec::new();
         for (key, d) in inv.node_devices(&node) {
-            if d.class != class || !self.device_free(d) {
+            if d.class != class || avoid.contains(&d.uuid) || !self.device_free(d) {
                 continue;
             }
             match per_gpu.last_mut() {
@@ -755,11 +832,7 @@ impl LedgerState {
         };
         let mut freed = 0;
         for uuid in &p.devices {
-            if self
-                .held
-                .get(uuid)
-                .is_some_and(|h| h.claim == Some(id))
-            {
+            if self.held.get(uuid).is_some_and(|h| h.claim == Some(id)) {
                 self.free_hold(uuid);
                 freed += 1;
             }

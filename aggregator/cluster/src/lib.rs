@@ -8,8 +8,11 @@
 //! its read lock, always in the order inventory, then ledger. [`Cluster`] is the one
 //! facade the rest of the aggregator uses.
 
+pub mod calendar;
 pub mod inventory;
 pub mod ledger;
+pub mod plan;
+pub mod queue;
 mod views;
 
 use std::time::Duration;
@@ -18,17 +21,19 @@ use kcloud_common::NodeInventory;
 use kcloud_core::Result;
 use kcloud_core::device::{DeviceRequest, Holder};
 
+use crate::calendar::Calendar;
 use crate::inventory::{
     Availability, DeviceQuery, DeviceView, FleetSummary, Ingested, Inventory, NodeCounts, NodeRow,
     NodeView, Page,
 };
-use crate::ledger::{Ledger, Claim};
+use crate::ledger::{Avoid, Claim, Ledger};
 
 /// The inventory and the ledger, used together. `Send + Sync`; share it as
 /// `Arc<Cluster>`.
 pub struct Cluster {
     inventory: Inventory,
     ledger: Ledger,
+    calendar: Calendar,
 }
 
 impl Cluster {
@@ -37,6 +42,7 @@ impl Cluster {
         Self {
             inventory: Inventory::new(stale_after),
             ledger: Ledger::new(),
+            calendar: Calendar::new(),
         }
     }
 
@@ -46,6 +52,11 @@ impl Cluster {
 
     pub fn ledger(&self) -> &Ledger {
         &self.ledger
+    }
+
+    /// Reservations of devices for future windows.
+    pub fn calendar(&self) -> &Calendar {
+        &self.calendar
     }
 
     /// Stores an agent's push (see [`Inventory::ingest`]).
@@ -89,16 +100,21 @@ impl Cluster {
         self.inventory.counts(now_ms)
     }
 
-    /// Takes devices for `holder` (see [`Ledger::claim`]).
+    /// Takes devices for `holder` (see [`Ledger::claim`]), never one in another
+    /// user's (or a maintenance) reservation whose window holds `now_ms`, nor one in
+    /// `promised` (devices requests ahead in the queue count on).
     pub fn claim(
         &self,
         holder: Holder,
         req: &DeviceRequest,
         max_devices: Option<u32>,
         now_ms: u64,
+        promised: &Avoid,
     ) -> Result<Claim> {
+        let mut avoid = promised.clone();
+        self.calendar.avoid_for(&holder.user, now_ms, &mut avoid);
         self.ledger
-            .claim(holder, req, &self.inventory, max_devices, now_ms)
+            .claim_avoiding(holder, req, &self.inventory, max_devices, now_ms, &avoid)
     }
 
     /// Wakes after a stored push.

@@ -18,8 +18,12 @@ pub mod launch;
 pub mod private;
 /// CPU, memory and size quantities as users write them.
 pub mod quantity;
+/// The wait queue's records and the fair-share score that orders it.
+pub mod queue;
 /// The storage the crates above need, as traits (SQLite implements them).
 pub mod repo;
+/// Devices booked for a future window, and the policy that limits them.
+pub mod reservation;
 /// Servers: their spec, status, mounts, events, and how the proxy reaches them.
 pub mod server;
 /// The settings file (`--config`): presets, quotas, images, profiles, storage, ...

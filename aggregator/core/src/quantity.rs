@@ -1,13 +1,13 @@
 //! CPU and memory amounts as users write them: numbers or Kubernetes-style quantities.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::{Error, Result};
 
 /// A CPU or memory amount: a number (CPUs; bytes) or a Kubernetes-style quantity
 /// string (`"500m"`, `"2"`; `"8Gi"`, `"512Mi"`, `"1G"`).
-#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(untagged)]
 pub enum Quantity {
     Number(f64),

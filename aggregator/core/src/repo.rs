@@ -9,6 +9,8 @@ use std::fmt;
 
 use async_trait::async_trait;
 
+use crate::queue::{QueueEntry, UsageScore};
+use crate::reservation::Reservation;
 use crate::server::{Server, ServerEvent};
 use crate::user::{AuditEntry, NewUser, RefreshRow, RefreshUse, User, UserPatch, UserRecord};
 use crate::volume::VolumeRow;
@@ -106,10 +108,51 @@ pub trait VolumeRepo: Send + Sync {
     async fn delete_volume(&self, owner: &str, name: &str) -> Result<bool>;
 }
 
-/// All of it: what the SQLite store is.
-pub trait Repository: UserRepo + SessionRepo + AuditRepo + ServerRepo + VolumeRepo {}
+/// Reservations of devices for future windows. Conflicts are checked in memory by
+/// the calendar (`kcloud_cluster::calendar`), which is loaded from here at start.
+#[async_trait]
+pub trait ReservationRepo: Send + Sync {
+    async fn insert_reservation(&self, r: Reservation) -> Result<()>;
+    /// Forgets a reservation; `false` if it was not there.
+    async fn delete_reservation(&self, id: &str) -> Result<bool>;
+    /// Marks a reservation used (a server of its owner ran on it in its window).
+    async fn mark_reservation_used(&self, id: &str) -> Result<()>;
+    /// Every reservation, by start.
+    async fn reservations(&self) -> Result<Vec<Reservation>>;
+}
 
-impl<T: UserRepo + SessionRepo + AuditRepo + ServerRepo + VolumeRepo> Repository for T {}
+/// The wait queue and the fair-share scores that order it.
+#[async_trait]
+pub trait QueueRepo: Send + Sync {
+    /// Records a waiting request; an owner's name already queued is `Conflict`.
+    async fn insert_queued(&self, e: QueueEntry) -> Result<()>;
+    /// Forgets a waiting request; `false` if it was not there.
+    async fn delete_queued(&self, id: &str) -> Result<bool>;
+    /// Every waiting request, by arrival.
+    async fn queued(&self) -> Result<Vec<QueueEntry>>;
+    /// Adds `gpu_hours` to `user`'s score, decayed with `half_life_ms` (one
+    /// transaction).
+    async fn add_usage(
+        &self,
+        user: &str,
+        gpu_hours: f64,
+        now_ms: u64,
+        half_life_ms: u64,
+    ) -> Result<()>;
+    /// Every user's score, as last written.
+    async fn usage_scores(&self) -> Result<Vec<(String, UsageScore)>>;
+}
+
+/// All of it: what the SQLite store is.
+pub trait Repository:
+    UserRepo + SessionRepo + AuditRepo + ServerRepo + VolumeRepo + ReservationRepo + QueueRepo
+{
+}
+
+impl<T: UserRepo + SessionRepo + AuditRepo + ServerRepo + VolumeRepo + ReservationRepo + QueueRepo>
+    Repository for T
+{
+}
 
 /// A server as the local shape records it: the server (its `upstream` unset) and how
 /// to reach and signal its process.

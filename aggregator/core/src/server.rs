@@ -25,6 +25,8 @@ pub enum ServerStatus {
     Failed,
     /// Being deleted.
     Stopping,
+    /// Waiting in the queue for its devices; it has no process and holds nothing.
+    Queued,
 }
 
 impl ServerStatus {
@@ -34,6 +36,7 @@ impl ServerStatus {
             ServerStatus::Running => "running",
             ServerStatus::Failed => "failed",
             ServerStatus::Stopping => "stopping",
+            ServerStatus::Queued => "queued",
         }
     }
 
@@ -43,13 +46,14 @@ impl ServerStatus {
             "running" => Some(ServerStatus::Running),
             "failed" => Some(ServerStatus::Failed),
             "stopping" => Some(ServerStatus::Stopping),
+            "queued" => Some(ServerStatus::Queued),
             _ => None,
         }
     }
 
     /// Whether a server in this state keeps its devices in the ledger.
     pub fn holds_devices(self) -> bool {
-        self != ServerStatus::Failed
+        !matches!(self, ServerStatus::Failed | ServerStatus::Queued)
     }
 }
 
@@ -244,9 +248,13 @@ mod tests {
             ServerStatus::Running,
             ServerStatus::Failed,
             ServerStatus::Stopping,
+            ServerStatus::Queued,
         ] {
             assert_eq!(ServerStatus::parse(s.as_str()), Some(s));
-            assert_eq!(s.holds_devices(), s != ServerStatus::Failed);
+            assert_eq!(
+                s.holds_devices(),
+                s != ServerStatus::Failed && s != ServerStatus::Queued
+            );
         }
         assert_eq!(ServerStatus::parse("gone"), None);
     }

@@ -43,6 +43,107 @@ pub struct Settings {
     pub shares: Vec<Share>,
     /// The local provisioner's isolation (`[local]`).
     pub local: LocalSettings,
+    /// The wait queue (`[queue]`).
+    pub queue: QueueSettings,
+    /// Reservations of devices for future windows (`[reservations]`).
+    pub reservations: ReservationSettings,
+    /// Messages to people outside the portal (`[notifications]`).
+    pub notifications: NotificationSettings,
+}
+
+/// A duration in a settings file: `"30m"`, `"7d"`, or seconds.
+fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("{s:?}: {e}")))
+}
+
+fn opt_duration<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
+}
+
+/// `[queue]`: requests that asked to wait when nothing fitting was free.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueSettings {
+    /// The longest `wait.max` a request may ask for (default 7 days).
+    #[serde(deserialize_with = "duration")]
+    pub max_wait: Duration,
+    /// Waiting requests per user (default 5).
+    pub max_queued_per_user: u32,
+    /// Half-life of the GPU-hours in the fair-share score (default 7 days).
+    #[serde(deserialize_with = "duration")]
+    pub half_life: Duration,
+    /// Fair-share weights by user (default 1): a user with weight 2 is ordered as if
+    /// they had used half their GPU-hours.
+    pub weights: BTreeMap<String, f64>,
+}
+
+impl Default for QueueSettings {
+    fn default() -> Self {
+        Self {
+            max_wait: Duration::from_secs(7 * 86_400),
+            max_queued_per_user: 5,
+            half_life: Duration::from_secs(7 * 86_400),
+            weights: BTreeMap::new(),
+        }
+    }
+}
+
+impl QueueSettings {
+    /// A user's fair-share weight.
+    pub fn weight(&self, user: &str) -> f64 {
+        self.weights.get(user).copied().unwrap_or(1.0)
+    }
+}
+
+/// `[reservations]`: how long and how far ahead users may book devices.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReservationSettings {
+    /// Longest window (default 7 days).
+    #[serde(deserialize_with = "duration")]
+    pub max_length: Duration,
+    /// How far ahead a window may start (default 90 days).
+    #[serde(deserialize_with = "duration")]
+    pub max_lead: Duration,
+    /// Normalized GPU-hours a user may book per calendar week; unset: no limit.
+    pub max_gpu_hours_per_week: Option<f64>,
+    /// A reservation that no server of its owner used this long after its start is
+    /// released (default 30 minutes); `"0"` turns the rule off.
+    #[serde(deserialize_with = "opt_duration")]
+    pub no_show_after: Option<Duration>,
+}
+
+impl Default for ReservationSettings {
+    fn default() -> Self {
+        Self {
+            max_length: Duration::from_secs(7 * 86_400),
+            max_lead: Duration::from_secs(90 * 86_400),
+            max_gpu_hours_per_week: None,
+            no_show_after: Some(Duration::from_secs(30 * 60)),
+        }
+    }
+}
+
+impl ReservationSettings {
+    pub fn policy(&self) -> crate::reservation::ReservationPolicy {
+        crate::reservation::ReservationPolicy {
+            max_length: self.max_length,
+            max_lead: self.max_lead,
+            max_gpu_hours_per_week: self.max_gpu_hours_per_week,
+            no_show_after: self.no_show_after.filter(|d| !d.is_zero()),
+        }
+    }
+}
+
+/// `[notifications]`: an optional Slack-compatible webhook (`{"text": ...}`) told when
+/// a queued server starts, a reservation starts, or a server will be stopped.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotificationSettings {
+    pub webhook_url: Option<String>,
 }
 
 /// `[local]`: how the local provisioner isolates servers (`--isolation sandbox`).
@@ -455,6 +556,41 @@ impl Settings {
         }
         if st.nfs_root.as_ref().is_some_and(|p| !p.is_absolute()) {
             return Err(Error::Config("storage: nfs_root must be absolute".into()));
+        }
+        let q = &s.queue;
+        if q.max_wait.is_zero() || q.half_life.is_zero() {
+            return Err(Error::Config(
+                "[queue] max_wait and half_life must be more than 0".into(),
+            ));
+        }
+        if let Some((u, w)) = q
+            .weights
+            .iter()
+            .find(|(_, w)| !(w.is_finite() && **w > 0.0))
+        {
+            return Err(Error::Config(format!(
+                "[queue] weights: {u:?} = {w}: a weight is a number > 0"
+            )));
+        }
+        let r = &s.reservations;
+        if r.max_length < crate::reservation::MIN_LENGTH || r.max_lead.is_zero() {
+            return Err(Error::Config(
+                "[reservations] max_length must be at least 15m and max_lead more than 0".into(),
+            ));
+        }
+        if r.max_gpu_hours_per_week
+            .is_some_and(|h| !(h.is_finite() && h >= 0.0))
+        {
+            return Err(Error::Config(
+                "[reservations] max_gpu_hours_per_week must be a number ≥ 0".into(),
+            ));
+        }
+        if let Some(url) = &s.notifications.webhook_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(Error::Config(format!(
+                "[notifications] webhook_url = {url:?}: an http:// or https:// URL"
+            )));
         }
         let mut names = std::collections::HashSet::new();
         for share in &s.shares {

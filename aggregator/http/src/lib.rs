@@ -45,6 +45,7 @@ use kcloud_core::settings::Settings;
 use kcloud_provision::upstream::HttpClient;
 use kcloud_service::auth::Auth;
 use kcloud_service::prometheus::Prometheus;
+use kcloud_service::reservations::Reservations;
 use kcloud_service::servers::Servers;
 use kcloud_service::users::Users;
 use kcloud_service::volumes::Volumes;
@@ -63,6 +64,7 @@ pub struct AppState {
     pub auth: Arc<Auth>,
     pub users: Arc<Users>,
     pub servers: Arc<Servers>,
+    pub reservations: Arc<Reservations>,
     pub volumes: Arc<Volumes>,
     /// The inventory and the ledger (read-only here: allocation is the servers').
     pub cluster: Arc<Cluster>,
@@ -90,6 +92,7 @@ pub fn router(state: AppState) -> (Router, OpenApi) {
         .merge(routes::users::routes())
         .merge(routes::nodes::routes())
         .merge(routes::ops::routes())
+        .merge(routes::schedule::routes())
         .merge(routes::servers::routes())
         .merge(events::routes())
         .merge(routes::volumes::routes())

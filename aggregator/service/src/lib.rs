@@ -15,9 +15,13 @@ pub mod culler;
 pub mod files;
 /// Per-owner serialisation of creates and deletes.
 pub mod locks;
+/// Notices to a webhook (queue starts, reservations, stops).
+pub mod notify;
 /// Node figures and history from Prometheus.
 pub mod prometheus;
-/// Servers: create, delete, cull, their end, logs and events.
+/// Reservations of devices for future windows.
+pub mod reservations;
+/// Servers: create (or wait in the queue), delete, cull, their end, logs and events.
 pub mod servers;
 /// User administration and the signed-in user's own view.
 pub mod users;

@@ -1,12 +1,14 @@
 //! kcloud-store: the SQLite implementation of `kcloud_core::repo` — users,
 //! refresh-token families, the audit log, the local shape's servers with their events,
-//! and volumes — in the data dir.
+//! volumes, reservations and the wait queue — in the data dir.
 //!
 //! One connection behind a mutex; every async call runs on the blocking pool. WAL with
 //! `synchronous=FULL`, so a write is on disk before the call returns.
 
 mod audit;
 mod migrations;
+mod queue;
+mod reservations;
 mod servers;
 mod sessions;
 mod users;

@@ -116,6 +116,38 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         uid       INTEGER NOT NULL UNIQUE CHECK (uid > 0)
     ) STRICT;
     "#,
+    // 6: reservations of devices for future windows, the wait queue, and the decayed
+    // GPU-hours that order it (fair share).
+    r#"
+    CREATE TABLE reservations (
+        id            TEXT PRIMARY KEY NOT NULL,
+        owner         TEXT NOT NULL,
+        node          TEXT NOT NULL,
+        devices       TEXT NOT NULL,
+        start_ms      INTEGER NOT NULL,
+        end_ms        INTEGER NOT NULL CHECK (end_ms > start_ms),
+        note          TEXT NOT NULL,
+        maintenance   INTEGER NOT NULL CHECK (maintenance IN (0, 1)),
+        created_at_ms INTEGER NOT NULL,
+        created_by    TEXT NOT NULL,
+        used          INTEGER NOT NULL DEFAULT 0 CHECK (used IN (0, 1))
+    ) STRICT;
+    CREATE TABLE queue (
+        id             TEXT PRIMARY KEY NOT NULL,
+        owner          TEXT NOT NULL,
+        name           TEXT NOT NULL,
+        request        TEXT NOT NULL,
+        enqueued_at_ms INTEGER NOT NULL,
+        deadline_ms    INTEGER NOT NULL,
+        created_by     TEXT NOT NULL,
+        UNIQUE (owner, name)
+    ) STRICT;
+    CREATE TABLE usage_scores (
+        user_name TEXT PRIMARY KEY NOT NULL,
+        gpu_hours REAL NOT NULL CHECK (gpu_hours >= 0),
+        at_ms     INTEGER NOT NULL
+    ) STRICT;
+    "#,
 ];
 
 /// The schema version this binary writes.

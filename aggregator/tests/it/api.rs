@@ -860,6 +860,7 @@ async fn inventory_views_filter_page_and_redact_holders() {
             &DeviceRequest::Exact(vec!["MIG-node-2-1a".into()]),
             None,
             now_ms(),
+            &Default::default(),
         )
         .unwrap();
     app.state.cluster.ledger().commit(res.id).unwrap();

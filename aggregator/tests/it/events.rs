@@ -156,6 +156,7 @@ fn bob_takes(app: &TestApp, server: &str, uuid: &str) {
             &DeviceRequest::Exact(vec![uuid.into()]),
             None,
             now_ms(),
+            &Default::default(),
         )
         .unwrap();
     app.state.cluster.ledger().commit(res.id).unwrap();
@@ -222,6 +223,7 @@ async fn event_stream_sends_state_then_redacted_changes_and_ends_for_disabled_us
             &DeviceRequest::Exact(vec!["MIG-node-1-a".into()]),
             None,
             now_ms(),
+            &Default::default(),
         )
         .unwrap();
     app.state.cluster.ledger().commit(res.id).unwrap();

@@ -14,6 +14,7 @@ mod portal;
 mod process;
 mod prometheus;
 mod pvc;
+mod queue;
 mod sandbox;
 mod servers;
 mod sessions;

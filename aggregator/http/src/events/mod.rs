@@ -185,6 +185,8 @@ struct Viewer {
     token: String,
     sub: Subscription,
     servers: watch::Receiver<u64>,
+    /// The queue's places and estimates, and reservations' effect on servers.
+    queue_changes: watch::Receiver<u64>,
     /// What this connection last sent of each server, as JSON.
     sent_servers: HashMap<(String, String), String>,
     out: VecDeque<Event>,
@@ -216,6 +218,7 @@ impl Viewer {
     fn new(s: AppState, caller: Caller, token: String, want: Want) -> Self {
         let sub = Feed::subscribe(&s, want);
         let servers = s.servers.changes();
+        let queue_changes = s.servers.queue_changes();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Viewer {
@@ -224,6 +227,7 @@ impl Viewer {
             token,
             sub,
             servers,
+            queue_changes,
             sent_servers: HashMap::new(),
             out: VecDeque::new(),
             queue: VecDeque::new(),
@@ -243,6 +247,7 @@ impl Viewer {
     fn reset(&mut self) {
         self.sub.skip_to_now();
         self.servers.mark_unchanged();
+        self.queue_changes.mark_unchanged();
         self.out.clear();
         self.queue.clear();
         self.queued.clear();
@@ -349,6 +354,7 @@ impl Viewer {
                     Err(RecvError::Closed) => Wake::Closed,
                 },
                 r = self.servers.changed() => if r.is_ok() { Wake::Servers } else { Wake::Closed },
+                r = self.queue_changes.changed() => if r.is_ok() { Wake::Servers } else { Wake::Closed },
                 _ = self.tick.tick() => Wake::Tick,
             };
             match wake {
@@ -442,7 +448,7 @@ impl Viewer {
         let mut seen = HashMap::with_capacity(self.sent_servers.len());
         for server in self.s.servers.list(&self.caller, None).unwrap_or_default() {
             let key = (server.owner.clone(), server.name.clone());
-            let json = serde_json::to_string(&ServerView::from(server)).unwrap_or_default();
+            let json = serde_json::to_string(&ServerView::of(&self.s, server)).unwrap_or_default();
             if self.sent_servers.get(&key) != Some(&json) {
                 self.out.push_back(event("server", &json));
             }

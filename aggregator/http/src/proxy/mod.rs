@@ -279,6 +279,9 @@ async fn forward(
             ),
             ServerStatus::Stopping => format!("server {owner}/{name} is being deleted"),
             ServerStatus::Running => format!("server {owner}/{name} is not reachable"),
+            ServerStatus::Queued => {
+                format!("server {owner}/{name} is waiting in the queue for its devices")
+            }
         }));
     };
     s.servers.touch(owner, name, now_ms());

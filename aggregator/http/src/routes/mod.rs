@@ -3,6 +3,7 @@
 pub(crate) mod files;
 pub(crate) mod nodes;
 pub(crate) mod ops;
+pub(crate) mod schedule;
 pub(crate) mod servers;
 pub(crate) mod session;
 pub(crate) mod users;

@@ -17,8 +17,9 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use kcloud_core::launch::Launch;
+use kcloud_core::reservation::format_instant;
 use kcloud_core::server::{Server, ServerEvent, ServerStatus};
-use kcloud_service::servers::{CreateServer, DEFAULT_LOG_LINES};
+use kcloud_service::servers::{CreateServer, Created, DEFAULT_LOG_LINES};
 use kcloud_service::volumes::MountRequest;
 
 use crate::AppState;
@@ -67,6 +68,47 @@ pub struct ServerView {
     pub url: String,
     /// What it mounts, with mount paths filled in.
     pub volumes: Vec<MountRequest>,
+    /// Queued: its place in the queue (1 is next).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_position: Option<u32>,
+    /// Queued: when it is expected to start (RFC 3339), or `unknown` when nothing
+    /// known (reservations, scheduled stops, idle culling) says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub estimated_start: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub estimated_start_ms: Option<u64>,
+    /// Queued: it leaves the queue then if it has not started.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wait_until_ms: Option<u64>,
+    /// It will be stopped then, its devices being reserved by someone else (volumes
+    /// are kept); warned 15 and 5 minutes before.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ends_at_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ends_because: Option<String>,
+}
+
+impl ServerView {
+    /// The view of `server` with its place in the queue or its scheduled end.
+    pub fn of(s: &AppState, server: Server) -> Self {
+        let place = s.servers.queue_place(&server);
+        let ends = s.servers.ends_at(&server);
+        let mut v = ServerView::from(server);
+        if let Some(p) = place {
+            v.queue_position = p.position;
+            v.estimated_start = Some(
+                p.estimated_start_ms
+                    .map_or_else(|| "unknown".to_owned(), format_instant),
+            );
+            v.estimated_start_ms = p.estimated_start_ms;
+            v.wait_until_ms = Some(p.wait_until_ms);
+        }
+        if let Some(e) = ends {
+            v.ends_at_ms = Some(e.at_ms);
+            v.ends_because = Some(e.because);
+        }
+        v
+    }
 }
 
 impl From<Server> for ServerView {
@@ -97,6 +139,12 @@ impl From<Server> for ServerView {
             cull_exempt: s.cull_exempt,
             url,
             volumes,
+            queue_position: None,
+            estimated_start: None,
+            estimated_start_ms: None,
+            wait_until_ms: None,
+            ends_at_ms: None,
+            ends_because: None,
         }
     }
 }
@@ -128,7 +176,7 @@ async fn list_all_servers(
     State(s): State<AppState>,
     caller: Caller,
 ) -> Result<Json<Vec<ServerView>>, ApiError> {
-    Ok(Json(views(s.servers.list(&caller, None)?)))
+    Ok(Json(views(&s, s.servers.list(&caller, None)?)))
 }
 
 /// One user's servers.
@@ -141,18 +189,20 @@ async fn list_servers(
     caller: Caller,
     ApiPath(user): ApiPath<String>,
 ) -> Result<Json<Vec<ServerView>>, ApiError> {
-    Ok(Json(views(s.servers.list(&caller, Some(&user))?)))
+    Ok(Json(views(&s, s.servers.list(&caller, Some(&user))?)))
 }
 
-fn views(servers: Vec<Server>) -> Vec<ServerView> {
-    servers.into_iter().map(Into::into).collect()
+fn views(s: &AppState, servers: Vec<Server>) -> Vec<ServerView> {
+    servers.into_iter().map(|v| ServerView::of(s, v)).collect()
 }
 
-/// Creates a server and answers as soon as it exists (`pending`); poll it until
-/// `running`, then open its `url`.
+/// Creates a server and answers as soon as it exists (`pending`, 201); poll it until
+/// `running`, then open its `url`. With `wait`, when no fitting device is free, it
+/// is queued instead (202, `status: "queued"`, with `queue_position` and
+/// `estimated_start`) and starts by itself when its devices free up.
 #[utoipa::path(post, path = "/api/v1/users/{user}/servers", tag = "servers", request_body = CreateServer,
     params(("user" = String, Path)),
-    responses((status = 201, body = ServerView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+    responses((status = 201, body = ServerView), (status = 202, description = "Queued", body = ServerView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody),
         (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("bearer" = []), ("cookie" = [])))]
@@ -163,8 +213,10 @@ async fn create_server(
     ApiPath(user): ApiPath<String>,
     ApiJson(req): ApiJson<CreateServer>,
 ) -> Result<(StatusCode, Json<ServerView>), ApiError> {
-    let server = s.servers.create(caller.0, client, user, req).await?;
-    Ok((StatusCode::CREATED, Json(server.into())))
+    Ok(match s.servers.create(caller.0, client, user, req).await? {
+        Created::Started(server) => (StatusCode::CREATED, Json(ServerView::of(&s, server))),
+        Created::Queued(server) => (StatusCode::ACCEPTED, Json(ServerView::of(&s, server))),
+    })
 }
 
 #[utoipa::path(get, path = "/api/v1/users/{user}/servers/{server}", tag = "servers",
@@ -176,7 +228,10 @@ async fn get_server(
     caller: Caller,
     ApiPath((user, name)): ApiPath<(String, String)>,
 ) -> Result<Json<ServerView>, ApiError> {
-    Ok(Json(s.servers.get(&caller, &user, &name)?.into()))
+    Ok(Json(ServerView::of(
+        &s,
+        s.servers.get(&caller, &user, &name)?,
+    )))
 }
 
 /// Stops the server (SIGTERM, then SIGKILL after the grace period) and frees its

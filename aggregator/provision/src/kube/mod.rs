@@ -900,7 +900,8 @@ fn apply(e: &mut Entry, o: Observed) -> Action {
                 o.ip.map(|ip| upstream(s, SocketAddr::new(ip, e.port), e.token.clone()));
             Action::None
         }
-        ServerStatus::Pending => {
+        // A pod never reads as queued; should it, it is still starting.
+        ServerStatus::Pending | ServerStatus::Queued => {
             s.status = ServerStatus::Pending;
             s.reason = o.reason;
             s.upstream = None;

@@ -176,7 +176,8 @@ impl Provisioner for LocalProvisioner {
                     tracing::info!(owner = %row.server.owner, server = %row.server.name, "finished an interrupted delete");
                     continue;
                 }
-                ServerStatus::Failed => {
+                // Queued servers are never recorded here (the queue keeps them).
+                ServerStatus::Failed | ServerStatus::Queued => {
                     stop_strays(&strays, inner.opts.stop_grace).await;
                     inner.confinement.reap(&row.server.id).await;
                 }

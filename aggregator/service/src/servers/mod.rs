@@ -1,5 +1,6 @@
-//! Servers: create (validate → quota → claim devices → provision → commit), delete,
-//! cull and the end of a server that stopped by itself. This module is the only one
+//! Servers: create (validate → quota → claim devices → provision → commit, or wait
+//! in the queue), delete, cull, stop for a reservation, and the end of a server that
+//! stopped by itself. This module is the only one
 //! that gives devices back to the ledger and the only writer of servers' audit
 //! entries.
 //!
@@ -15,10 +16,11 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use kcloud_cluster::Cluster;
+use kcloud_cluster::ledger::Claim;
 use kcloud_core::caller::Caller;
 use kcloud_core::device::{DeviceRequest, Holder, MAX_DEVICES_PER_REQUEST, valid_uuid};
 use kcloud_core::launch::{CUSTOM_PROFILE, DEFAULT_PROFILE, Launch, RunProfile, validate_launch};
@@ -26,7 +28,8 @@ use kcloud_core::quantity::{Quantity, cpu_millis, memory_bytes};
 use kcloud_core::repo::Repository;
 use kcloud_core::server::{Server, ServerEvent, ServerSpec, ServerStatus};
 use kcloud_core::settings::Settings;
-use kcloud_core::user::Usage;
+use kcloud_core::time::parse_duration;
+use kcloud_core::user::{Usage, User};
 use kcloud_core::validate::validate_server_name;
 use kcloud_core::volume::{MAX_MOUNTS, validate_mount_path};
 use kcloud_core::{Error, Result, now_ms};
@@ -34,6 +37,7 @@ use kcloud_provision::{Exits, LogStream, Provisioner};
 
 use crate::audit::Audit;
 use crate::locks::OwnerLocks;
+use crate::notify::Notifier;
 use crate::volumes::{MountRequest, Volumes, mounted_by};
 
 const MAX_IMAGE: usize = 255;
@@ -45,7 +49,7 @@ pub const CLAIM_TTL: Duration = Duration::from_secs(600);
 
 /// "N whole GPUs" (`count`, optionally of `model`) or "one MIG instance of
 /// `mig_profile`" (optionally on `model`), placed by the ledger.
-#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GpuRequest {
     pub count: Option<u32>,
@@ -55,7 +59,7 @@ pub struct GpuRequest {
 
 /// A server to create. Resources: `preset`, or `cpu` and `memory`, or neither (the
 /// smallest preset). Devices: exact `devices` UUIDs, or a `gpu_request`, or neither.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateServer {
     /// DNS-1123 label, unique per user.
@@ -84,10 +88,26 @@ pub struct CreateServer {
     /// `/home/jovyan/shares/{name}`), each with an optional `mount_path` under
     /// `/home/jovyan` and `read_only`.
     pub volumes: Option<Vec<MountRequest>>,
+    /// Wait when no fitting device is free: `{"max": "4h"}`. The answer is then `202`
+    /// with `status: "queued"`, the place in the queue and the estimated start; the
+    /// server starts by itself when its devices free up (see `GET /api/v1/queue`).
+    /// A request that can never fit is refused at once (400).
+    pub wait: Option<WaitRequest>,
+    /// Start on the devices of this reservation of yours (its window must hold now):
+    /// all of them, or those `devices` / the `gpu_request` picks among them.
+    pub reservation: Option<String>,
+}
+
+/// How long a create request may wait for its devices.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WaitRequest {
+    /// `"30m"`, `"4h"`, `"2d"`; at most the `[queue] max_wait` setting.
+    pub max: String,
 }
 
 /// A validated create request, before quotas and devices.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Plan {
     pub(crate) name: String,
     pub(crate) cpu_millis: u64,
@@ -96,6 +116,38 @@ pub(crate) struct Plan {
     pub(crate) image: Option<String>,
     pub(crate) launch: Launch,
     pub(crate) mounts: Vec<MountRequest>,
+    pub(crate) wait_ms: Option<u64>,
+    pub(crate) reservation: Option<String>,
+}
+
+/// What a create did.
+#[derive(Debug)]
+pub enum Created {
+    /// The server exists (`pending`).
+    Started(Server),
+    /// It waits in the queue (`queued`).
+    Queued(Server),
+}
+
+/// Who a launch is audited as.
+#[derive(Clone, Copy)]
+enum Actor<'a> {
+    Caller(&'a Caller, IpAddr),
+    /// The queue, starting a waiting request.
+    Queue,
+}
+
+/// Why a launch did not happen.
+enum NotLaunched {
+    /// No fitting device is free now (the request may wait).
+    NoDevices(Error),
+    Failed(Error),
+}
+
+impl From<Error> for NotLaunched {
+    fn from(e: Error) -> Self {
+        NotLaunched::Failed(e)
+    }
 }
 
 /// The server use cases. Share it as `Arc<Servers>`.
@@ -107,16 +159,37 @@ pub struct Servers {
     volumes: Arc<Volumes>,
     settings: Arc<Settings>,
     locks: Arc<OwnerLocks>,
+    notifier: Notifier,
+    queue: queue::QueueBook,
+    /// Warnings already given: (server id, reservation id, minutes before).
+    warned: std::sync::Mutex<std::collections::HashSet<(String, String, u64)>>,
 }
 
-/// Releases the devices of servers that end by themselves (given to the provisioner).
+/// Releases the devices of servers that end by themselves (given to the provisioner),
+/// and adds their GPU-hours to the owner's fair-share score.
 pub struct ReleaseOnExit {
     cluster: Arc<Cluster>,
+    usage: Option<(Arc<dyn Repository>, Arc<Settings>)>,
 }
 
 impl ReleaseOnExit {
     pub fn new(cluster: Arc<Cluster>) -> Arc<Self> {
-        Arc::new(Self { cluster })
+        Arc::new(Self {
+            cluster,
+            usage: None,
+        })
+    }
+
+    /// Also records the GPU-hours of servers that end (what the binary uses).
+    pub fn with_usage(
+        cluster: Arc<Cluster>,
+        repo: Arc<dyn Repository>,
+        settings: Arc<Settings>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            cluster,
+            usage: Some((repo, settings)),
+        })
     }
 }
 
@@ -124,7 +197,24 @@ impl Exits for ReleaseOnExit {
     fn exited(&self, server: &Server) {
         let released = self.cluster.ledger().release(&server.holder());
         tracing::info!(owner = %server.owner, server = %server.name, released = released.len(), "server ended by itself; devices released");
+        if let Some((repo, settings)) = &self.usage
+            && !released.is_empty()
+        {
+            let hours = gpu_hours(&self.cluster, &released, server.created_at_ms, now_ms());
+            let (repo, owner) = (repo.clone(), server.owner.clone());
+            let half_life = kcloud_core::time::millis(settings.queue.half_life);
+            tokio::spawn(async move {
+                if let Err(e) = repo.add_usage(&owner, hours, now_ms(), half_life).await {
+                    tracing::warn!(error = %e, "could not record GPU-hours");
+                }
+            });
+        }
     }
+}
+
+/// Normalized GPU-hours of `devices` held from `since_ms` to `now_ms`.
+pub(crate) fn gpu_hours(cluster: &Cluster, devices: &[String], since_ms: u64, now_ms: u64) -> f64 {
+    cluster.weight(devices) * now_ms.saturating_sub(since_ms) as f64 / 3.6e6
 }
 
 impl Servers {
@@ -138,18 +228,22 @@ impl Servers {
     ) -> Self {
         Self {
             audit: Audit::new(repo.clone()),
+            notifier: Notifier::new(settings.notifications.webhook_url.clone()),
             repo,
             cluster,
             provisioner,
             volumes,
             settings,
             locks,
+            queue: Default::default(),
+            warned: Default::default(),
         }
     }
 
     /// Finds the servers that exist (adopting live ones) and rebuilds the ledger from
     /// them; until this returns, the ledger is not ready and allocations wait.
     pub async fn recover(&self) -> Result<Vec<Server>> {
+        self.load_queue().await?;
         let servers = self.provisioner.recover().await?;
         self.cluster.ledger().rebuild(
             servers
@@ -167,56 +261,111 @@ impl Servers {
 
     /// The servers `caller` may see: their own, or with `owner` that user's (admins:
     /// anyone's); `None` for an admin is everyone's.
+    /// Queued servers are listed with the others (`status: "queued"`).
     pub fn list(&self, caller: &Caller, owner: Option<&str>) -> Result<Vec<Server>> {
-        match owner {
+        let owner = match owner {
             Some(o) => {
                 caller.may_see_user(o)?;
-                Ok(self.provisioner.list(Some(o)))
+                Some(o)
             }
-            None if caller.is_admin() => Ok(self.provisioner.list(None)),
-            None => Ok(self.provisioner.list(Some(&caller.name))),
-        }
+            None if caller.is_admin() => None,
+            None => Some(caller.name.as_str()),
+        };
+        let mut all = self.provisioner.list(owner);
+        all.extend(self.queued_servers(owner));
+        all.sort_by(|a, b| (&a.owner, &a.name).cmp(&(&b.owner, &b.name)));
+        Ok(all)
     }
 
-    /// One server; another user's (or none) is 404.
+    /// One server (running, or waiting in the queue); another user's (or none) is 404.
     pub fn get(&self, caller: &Caller, owner: &str, name: &str) -> Result<Server> {
         let not_found = || Error::NotFound(format!("no server {owner}/{name}"));
         caller.may_see_user(owner).map_err(|_| not_found())?;
-        self.provisioner.get(owner, name).ok_or_else(not_found)
+        self.provisioner
+            .get(owner, name)
+            .or_else(|| self.queued_server(owner, name))
+            .ok_or_else(not_found)
     }
 
-    /// Creates a server for `owner` and returns it as soon as it exists (`pending`).
+    /// Creates a server for `owner` and returns it as soon as it exists (`pending`),
+    /// or, when it asked to wait and nothing fits, as soon as it is queued.
     pub async fn create(
         self: &Arc<Self>,
         caller: Caller,
         client: IpAddr,
         owner: String,
         req: CreateServer,
-    ) -> Result<Server> {
+    ) -> Result<Created> {
         let me = self.clone();
         to_completion(async move { me.create_now(&caller, client, &owner, req).await }).await
     }
 
     async fn create_now(
-        &self,
+        self: &Arc<Self>,
         caller: &Caller,
         client: IpAddr,
         user: &str,
         req: CreateServer,
-    ) -> Result<Server> {
+    ) -> Result<Created> {
         caller.may_see_user(user)?;
         let owner = self.repo.existing_user(user).await?;
         if owner.disabled {
             return Err(Error::Conflict(format!("user {user:?} is disabled")));
         }
+        let body = serde_json::to_value(&req)
+            .map_err(|e| Error::Internal(format!("encoding the request: {e}")))?;
         let plan = validate(&self.settings, req)?;
-        let _serial = self.locks.lock(user).await;
-        if self.provisioner.get(user, &plan.name).is_some() {
+        {
+            let _serial = self.locks.lock(user).await;
+            self.check_name(user, &plan.name)?;
+            let why = match self
+                .launch(Actor::Caller(caller, client), &owner, &plan, None)
+                .await
+            {
+                Ok(server) => return Ok(Created::Started(server)),
+                Err(NotLaunched::Failed(e)) => return Err(e),
+                Err(NotLaunched::NoDevices(e)) => e,
+            };
+            let (Some(wait_ms), Some(devices), None) =
+                (plan.wait_ms, &plan.devices, &plan.reservation)
+            else {
+                return Err(why);
+            };
+            self.cluster.could_ever_fit(devices)?;
+            self.enqueue(caller, client, user, &plan, body, wait_ms)
+                .await?;
+        }
+        // Outside the owner's lock: a round may start this owner's requests.
+        self.dispatch().await;
+        match self.provisioner.get(user, &plan.name) {
+            Some(s) => Ok(Created::Started(s)),
+            None => self
+                .queued_server(user, &plan.name)
+                .map(Created::Queued)
+                .ok_or_else(|| Error::Internal("the queued request vanished".into())),
+        }
+    }
+
+    /// 409 when `name` is taken by a server or a queued request of `user`.
+    fn check_name(&self, user: &str, name: &str) -> Result<()> {
+        if self.provisioner.get(user, name).is_some() || self.queue.has(user, name) {
             return Err(Error::Conflict(format!(
-                "server name {:?} is already in use (delete that server first)",
-                plan.name
+                "server name {name:?} is already in use (delete that server first)"
             )));
         }
+        Ok(())
+    }
+
+    /// Checks quotas, resolves mounts, claims devices (or uses `claimed`), provisions
+    /// and commits. The owner's lock is held by the caller.
+    async fn launch(
+        &self,
+        actor: Actor<'_>,
+        owner: &User,
+        plan: &Plan,
+        claimed: Option<Claim>,
+    ) -> std::result::Result<Server, NotLaunched> {
+        let user = owner.name.as_str();
         let mine = self.provisioner.list(Some(user));
         let quota = owner.quota.effective(&self.settings.default_quota);
         quota.check(
@@ -234,9 +383,23 @@ impl Servers {
             .resolve_mounts(user, owner.role, plan.mounts.clone(), &mine)
             .await?;
         let holder = Holder::new(user, &plan.name);
-        let claim = match &plan.devices {
-            Some(req) => Some(self.cluster.claim(holder, req, quota.gpus, now_ms())?),
-            None => None,
+        let now = now_ms();
+        let (claim, booked) = match claimed {
+            Some(c) => {
+                let booked = self.own_reservation_of(user, &c.devices, now);
+                (Some(c), booked)
+            }
+            None => match self.device_request(user, plan, now)? {
+                Some((req, booked)) => {
+                    let promised = self.queue.promised();
+                    match self.cluster.claim(holder, &req, quota.gpus, now, &promised) {
+                        Ok(c) => (Some(c), booked),
+                        Err(e @ Error::Conflict(_)) => return Err(NotLaunched::NoDevices(e)),
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                None => (None, None),
+            },
         };
         let devices = claim
             .as_ref()
@@ -251,7 +414,7 @@ impl Servers {
             cpu_millis: plan.cpu_millis,
             memory_bytes: plan.memory_bytes,
             image: plan.image.clone(),
-            launch: plan.launch,
+            launch: plan.launch.clone(),
             mounts,
         };
         let ledger = self.cluster.ledger();
@@ -261,7 +424,7 @@ impl Servers {
                 if let Some(r) = &claim {
                     ledger.abort(r.id);
                 }
-                return Err(e);
+                return Err(e.into());
             }
         };
         if let Some(r) = &claim
@@ -276,27 +439,35 @@ impl Servers {
                         tracing::error!(error = %e, "could not remove a server whose devices were lost");
                     }
                     ledger.release(&server.holder());
-                    return Err(Error::Internal(format!(
-                        "committing the device claim: {e}"
-                    )));
+                    return Err(Error::Internal(format!("committing the device claim: {e}")).into());
                 }
             }
         }
-        self.audit
-            .record(
-                caller,
-                client,
-                "server_create",
-                format!("{user}/{}", plan.name),
-                format!(
-                    "devices=[{}] cpu_millis={} memory_bytes={} image={}",
-                    server.devices.join(","),
-                    server.cpu_millis,
-                    server.memory_bytes,
-                    server.image.as_deref().unwrap_or("-")
-                ),
-            )
-            .await?;
+        if let Some(id) = booked
+            && let Err(e) = self.mark_reservation_used(&id).await
+        {
+            tracing::warn!(error = %e, reservation = %id, "could not mark a reservation used");
+        }
+        let detail = format!(
+            "devices=[{}] cpu_millis={} memory_bytes={} image={}",
+            server.devices.join(","),
+            server.cpu_millis,
+            server.memory_bytes,
+            server.image.as_deref().unwrap_or("-")
+        );
+        let target = format!("{user}/{}", plan.name);
+        match actor {
+            Actor::Caller(caller, client) => {
+                self.audit
+                    .record(caller, client, "server_create", target, detail)
+                    .await?
+            }
+            Actor::Queue => {
+                self.audit
+                    .record_system("server_start_queued", target, detail)
+                    .await?
+            }
+        }
         Ok(server)
     }
 
@@ -328,6 +499,9 @@ impl Servers {
     ) -> Result<()> {
         let found = self.get(caller, user, name)?;
         let _serial = self.locks.lock(user).await;
+        if found.status == ServerStatus::Queued {
+            return self.cancel_queued(caller, client, user, name).await;
+        }
         let volumes: Vec<String> = if delete_volumes {
             found
                 .mounts
@@ -381,7 +555,12 @@ impl Servers {
             .delete(user, name)
             .await?
             .ok_or_else(|| Error::NotFound(format!("no server {user}/{name}")))?;
-        Ok(self.cluster.ledger().release(&server.holder()))
+        let released = self.cluster.ledger().release(&server.holder());
+        if !released.is_empty() && server.status.holds_devices() {
+            self.account(&server.owner, &released, server.created_at_ms)
+                .await;
+        }
+        Ok(released)
     }
 
     /// Stops an idle server for the culler, as a delete by `system`, unless traffic
@@ -684,6 +863,30 @@ pub(crate) fn validate(settings: &Settings, req: CreateServer) -> Result<Plan> {
         profile: Some(RunProfile::from_profile(&profile_name, profile)),
     };
     validate_launch(&launch)?;
+    let wait_ms = match req.wait {
+        None => None,
+        Some(w) => {
+            let d =
+                parse_duration(&w.max).map_err(|e| bad(format!("wait.max: {:?}: {e}", w.max)))?;
+            if d.is_zero() || d > settings.queue.max_wait {
+                return Err(bad(format!(
+                    "wait.max: more than 0 and at most {}",
+                    humantime::format_duration(settings.queue.max_wait)
+                )));
+            }
+            Some(kcloud_core::time::millis(d))
+        }
+    };
+    if let Some(id) = &req.reservation
+        && !kcloud_core::reservation::valid_reservation_id(id)
+    {
+        return Err(bad("reservation: not a reservation id (r-...)"));
+    }
+    if req.reservation.is_some() && wait_ms.is_some() {
+        return Err(bad(
+            "a server on a reservation does not wait: give `reservation` or `wait`, not both",
+        ));
+    }
     Ok(Plan {
         name: req.name,
         cpu_millis,
@@ -692,10 +895,12 @@ pub(crate) fn validate(settings: &Settings, req: CreateServer) -> Result<Plan> {
         image,
         launch,
         mounts,
+        wait_ms,
+        reservation: req.reservation,
     })
 }
 
-fn gpu_request(g: GpuRequest) -> Result<DeviceRequest> {
+pub(crate) fn gpu_request(g: GpuRequest) -> Result<DeviceRequest> {
     if let Some(m) = &g.model
         && (m.is_empty() || m.len() > 128)
     {
@@ -720,6 +925,9 @@ fn gpu_request(g: GpuRequest) -> Result<DeviceRequest> {
         )),
     }
 }
+
+mod queue;
+mod schedule;
 
 #[cfg(test)]
 mod tests;

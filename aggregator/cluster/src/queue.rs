@@ -1,0 +1,212 @@
+//! Deciding which waiting requests start: one round over the queue in fair order.
+//!
+//! The caller orders the queue (fair share, then arrival). A round walks it once:
+//!
+//! - a request that fits now, outside the devices requests ahead of it count on, is
+//!   claimed (it starts);
+//! - one that does not fit keeps a **shadow**: the devices of its estimated start when
+//!   that is known, otherwise the free devices of its kind on the node where it is
+//!   closest to fitting (that node drains for it). Requests behind it never take a
+//!   shadowed device, so starting them (backfill) never delays it;
+//! - a request of the same kind (model, or MIG profile and model) asking for at least
+//!   as many devices as one that just failed cannot fit either and is not tried again
+//!   in this round: a round costs one pass plus, per kind, at most one claim attempt
+//!   per distinct size.
+
+use std::collections::{HashMap, HashSet};
+
+use kcloud_core::Error;
+use kcloud_core::device::{DeviceRequest, Holder};
+
+use crate::Cluster;
+use crate::inventory::Dev;
+use crate::ledger::{Avoid, Claim};
+use crate::plan::Estimate;
+
+/// A waiting request, in fair order.
+#[derive(Clone, Debug)]
+pub struct Waiting {
+    pub holder: Holder,
+    pub request: DeviceRequest,
+    /// The owner's device quota.
+    pub max_devices: Option<u32>,
+}
+
+/// What a round decided for one waiting request.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Its devices are claimed: start it (commit or abort the claim).
+    Start(Claim),
+    /// It keeps waiting; `estimate` is `None` when nothing known makes it fit.
+    Wait { estimate: Option<Estimate> },
+    /// It can never start as asked (a device vanished, a bad request): drop it.
+    Drop(Error),
+}
+
+/// The result of a round: one outcome per waiting request, in the given order, and the
+/// devices promised to those still waiting (new requests must not take them).
+#[derive(Debug, Default)]
+pub struct Round {
+    pub outcomes: Vec<Outcome>,
+    pub promised: Avoid,
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum Kind<'a> {
+    Gpus(Option<&'a str>),
+    Mig(&'a str, Option<&'a str>),
+}
+
+fn kind(req: &DeviceRequest) -> Option<(Kind<'_>, u32)> {
+    match req {
+        DeviceRequest::Exact(_) => None,
+        DeviceRequest::Gpus { count, model } => Some((Kind::Gpus(model.as_deref()), *count)),
+        DeviceRequest::Mig { profile, model } => Some((Kind::Mig(profile, model.as_deref()), 1)),
+    }
+}
+
+impl Cluster {
+    /// One round over `waiting` (see the module docs). `known_ends`: devices whose
+    /// release time is known (see [`Cluster::estimate`]); `estimates`: how many of the
+    /// requests that keep waiting get an estimate (the rest: `None`), which bounds the
+    /// work of a round on a long queue.
+    pub fn decide(
+        &self,
+        waiting: &[Waiting],
+        now_ms: u64,
+        known_ends: &HashMap<String, u64>,
+        estimates: usize,
+    ) -> Round {
+        let mut round = Round::default();
+        let mut taken: HashSet<String> = HashSet::new();
+        // Per kind: the smallest size that failed this round.
+        let mut failed: HashMap<Kind<'_>, u32> = HashMap::new();
+        let mut estimated = 0usize;
+        for w in waiting {
+            let k = kind(&w.request);
+            let hopeless = k
+                .as_ref()
+                .is_some_and(|(k, n)| failed.get(k).is_some_and(|f| n >= f));
+            if !hopeless {
+                match self.claim(
+                    w.holder.clone(),
+                    &w.request,
+                    w.max_devices,
+                    now_ms,
+                    &round.promised,
+                ) {
+                    Ok(c) => {
+                        round.outcomes.push(Outcome::Start(c));
+                        continue;
+                    }
+                    Err(Error::Conflict(_)) => {}
+                    Err(Error::QuotaExceeded(_) | Error::Unavailable(_)) => {
+                        // Over the owner's device quota (it waits for the owner's own
+                        // servers, not for devices: nothing is promised to it), or the
+                        // ledger is not ready yet.
+                        round.outcomes.push(Outcome::Wait { estimate: None });
+                        continue;
+                    }
+                    Err(e) => {
+                        round.outcomes.push(Outcome::Drop(e));
+                        continue;
+                    }
+                }
+            }
+            let mut avoid = Avoid::default();
+            self.calendar()
+                .avoid_for(&w.holder.user, now_ms, &mut avoid);
+            let estimate = (estimated < estimates)
+                .then(|| {
+                    estimated += 1;
+                    self.estimate(&w.request, now_ms, known_ends, &avoid, &taken)
+                })
+                .flatten();
+            if !hopeless {
+                let shadow = match &estimate {
+                    Some(e) => e.devices.clone(),
+                    None => self.drain(&w.request, now_ms, &avoid, &taken),
+                };
+                for d in shadow {
+                    round.promised.insert(&d, || {
+                        "promised to a request waiting ahead in the queue".into()
+                    });
+                    taken.insert(d);
+                }
+                if let Some((k, n)) = k {
+                    let f = failed.entry(k).or_insert(n);
+                    *f = (*f).min(n);
+                }
+            }
+            round.outcomes.push(Outcome::Wait { estimate });
+        }
+        round
+    }
+
+    /// The devices a request with no known start counts on: for whole GPUs, the free
+    /// ones of its kind on the fresh node where it is closest to fitting (that node
+    /// drains for it); for exact devices, those of them that are free. A MIG request
+    /// that does not fit has no free instance anywhere: nothing.
+    pub fn drain(
+        &self,
+        req: &DeviceRequest,
+        now_ms: u64,
+        avoid: &Avoid,
+        taken: &HashSet<String>,
+    ) -> Vec<String> {
+        let inv = self.inventory().read();
+        let st = self.ledger().state();
+        let free = |d: &Dev| {
+            d.allocatable()
+                && !taken.contains(&*d.uuid)
+                && !avoid.contains(&d.uuid)
+                && st.device_free(d)
+        };
+        match req {
+            DeviceRequest::Exact(uuids) => uuids
+                .iter()
+                .filter(|u| inv.device(u).is_some_and(|(_, d)| free(d)))
+                .cloned()
+                .collect(),
+            DeviceRequest::Mig { .. } => Vec::new(),
+            DeviceRequest::Gpus { count, model } => {
+                let mid = match model {
+                    Some(m) => match inv.model_id(m) {
+                        Some(id) => Some(id),
+                        None => return Vec::new(),
+                    },
+                    None => None,
+                };
+                let mut best: Option<(usize, Vec<String>)> = None;
+                for node in inv.node_names() {
+                    if !inv.node_fresh(node, now_ms) {
+                        continue;
+                    }
+                    for c in st.node_counts(node) {
+                        if c.class.mig
+                            || c.free == 0
+                            || c.total < *count
+                            || mid.is_some_and(|m| c.class.model != m)
+                        {
+                            continue;
+                        }
+                        // Counted before avoid and taken: only a node that may beat the
+                        // best is looked at device by device.
+                        if best.as_ref().is_some_and(|(n, _)| c.free as usize <= *n) {
+                            continue;
+                        }
+                        let devs: Vec<String> = inv
+                            .node_devices(node)
+                            .filter(|(_, d)| d.class == c.class && free(d))
+                            .map(|(_, d)| d.uuid.to_string())
+                            .collect();
+                        if best.as_ref().is_none_or(|(n, _)| devs.len() > *n) {
+                            best = Some((devs.len(), devs));
+                        }
+                    }
+                }
+                best.map(|(_, d)| d).unwrap_or_default()
+            }
+        }
+    }
+}
