@@ -431,6 +431,11 @@ impl InvState {
         self.nodes.contains_key(node)
     }
 
+    /// The inventory's own name of `node` (to key its devices without allocating).
+    pub(crate) fn node_arc(&self, node: &str) -> Option<&Arc<str>> {
+        self.nodes.get_key_value(node).map(|(k, _)| k)
+    }
+
     /// A node's devices in key order (GPU index, then MIG index).
     pub(crate) fn node_devices(
         &self,

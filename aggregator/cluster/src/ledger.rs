@@ -462,6 +462,25 @@ impl LedgerState {
         }
     }
 
+    /// Nodes with at least one free device of `class`, most free first, as of the last
+    /// [`Self::sync`].
+    pub(crate) fn most_free(&self, class: &Class) -> impl Iterator<Item = (u32, &Arc<str>)> {
+        self.index
+            .sets
+            .get(class)
+            .into_iter()
+            .flat_map(|set| set.iter().rev().map(|(free, node)| (*free, node)))
+    }
+
+    /// The classes that have a free device somewhere.
+    pub(crate) fn classes_with_free(&self) -> impl Iterator<Item = &Class> {
+        self.index
+            .sets
+            .iter()
+            .filter(|(_, s)| !s.is_empty())
+            .map(|(c, _)| c)
+    }
+
     /// Free and total counts per class on `node`, as of the last [`Self::sync`].
     pub(crate) fn node_counts(&self, node: &str) -> &[ClassCount] {
         self.index.nodes.get(node).map_or(&[], Vec::as_slice)

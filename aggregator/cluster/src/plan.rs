@@ -8,8 +8,51 @@ use kcloud_core::device::{DeviceRequest, MAX_DEVICES_PER_REQUEST};
 use kcloud_core::{Error, Result};
 
 use crate::Cluster;
-use crate::inventory::{Dev, InvState};
+use crate::inventory::{Class, Dev, InvState};
 use crate::ledger::Avoid;
+
+/// Devices whose release time is known, by node (what the estimates look at).
+#[derive(Clone, Debug, Default)]
+pub struct KnownEnds {
+    by_device: HashMap<String, u64>,
+    by_node: HashMap<String, Vec<String>>,
+}
+
+impl KnownEnds {
+    /// `uuid` on `node` frees at `end_ms` (the earlier of two answers wins).
+    pub fn insert(&mut self, node: &str, uuid: &str, end_ms: u64) {
+        match self.by_device.get_mut(uuid) {
+            Some(t) => *t = (*t).min(end_ms),
+            None => {
+                self.by_device.insert(uuid.to_owned(), end_ms);
+                self.by_node
+                    .entry(node.to_owned())
+                    .or_default()
+                    .push(uuid.to_owned());
+            }
+        }
+    }
+
+    pub fn get(&self, uuid: &str) -> Option<u64> {
+        self.by_device.get(uuid).copied()
+    }
+
+    pub fn contains(&self, uuid: &str) -> bool {
+        self.by_device.contains_key(uuid)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_device.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_device.is_empty()
+    }
+
+    fn nodes(&self) -> impl Iterator<Item = &str> {
+        self.by_node.keys().map(String::as_str)
+    }
+}
 
 /// When a waiting request could start and on which devices (its "shadow": what it
 /// counts on, so that requests behind it do not take those).
@@ -100,7 +143,7 @@ impl Cluster {
         &self,
         req: &DeviceRequest,
         now_ms: u64,
-        known_ends: &HashMap<String, u64>,
+        known_ends: &KnownEnds,
         avoid: &Avoid,
         taken: &HashSet<String>,
     ) -> Option<Estimate> {
@@ -110,8 +153,8 @@ impl Cluster {
             if taken.contains(&*d.uuid) || !d.allocatable() {
                 return None;
             }
-            if let Some(t) = known_ends.get(&*d.uuid) {
-                return Some((*t).max(now_ms));
+            if let Some(t) = known_ends.get(&d.uuid) {
+                return Some(t.max(now_ms));
             }
             (st.device_free(d) && !avoid.contains(&d.uuid)).then_some(now_ms)
         };
@@ -169,36 +212,44 @@ impl Cluster {
     }
 }
 
+/// When each matching device of a node is available, with its UUID.
+type Times<'a> = Vec<(u64, &'a Arc<str>)>;
+
 /// Over the fresh nodes holding a device with a known end (a node without one would
 /// have fitted now already), the earliest time `count` matching devices are
 /// available on one node, all of one class when `one_class`.
 #[allow(clippy::too_many_arguments)]
 fn best_node(
     inv: &InvState,
-    known_ends: &HashMap<String, u64>,
+    known_ends: &KnownEnds,
     now_ms: u64,
     count: usize,
     at: &dyn Fn(&Dev) -> Option<u64>,
     matches: impl Fn(&Dev) -> bool,
     one_class: bool,
 ) -> Option<Estimate> {
-    let nodes: HashSet<&Arc<str>> = known_ends
-        .keys()
-        .filter_map(|u| inv.device(u).map(|(k, _)| &k.node))
+    let mut nodes: Vec<&str> = known_ends
+        .nodes()
         .filter(|n| inv.node_fresh(n, now_ms))
         .collect();
-    let mut nodes: Vec<&Arc<str>> = nodes.into_iter().collect();
-    nodes.sort();
+    nodes.sort_unstable();
     let mut best: Option<Estimate> = None;
     for node in nodes {
-        let mut by_class: HashMap<_, Vec<(u64, &Arc<str>)>> = HashMap::new();
+        let Some(node) = inv.node_arc(node) else {
+            continue;
+        };
+        // Few classes per node: a small list beats a map here (one per node walked).
+        let mut by_class: Vec<(Option<Class>, Times<'_>)> = Vec::new();
         for (_, d) in inv.node_devices(node) {
             if !matches(d) {
                 continue;
             }
             if let Some(t) = at(d) {
                 let class = if one_class { Some(d.class) } else { None };
-                by_class.entry(class).or_default().push((t, &d.uuid));
+                match by_class.iter_mut().find(|(c, _)| *c == class) {
+                    Some((_, v)) => v.push((t, &d.uuid)),
+                    None => by_class.push((class, vec![(t, &d.uuid)])),
+                }
             }
         }
         for (_, mut times) in by_class {

@@ -307,6 +307,12 @@ impl Servers {
     /// starts those that fit (backfill included) and records places and estimates.
     /// Returns how many started.
     pub async fn dispatch(self: &Arc<Self>) -> usize {
+        self.dispatch_with(true).await
+    }
+
+    /// A round; estimates (and the shadows of known estimates) only with `estimate`,
+    /// otherwise the last ones stay shown.
+    pub(crate) async fn dispatch_with(self: &Arc<Self>, estimate: bool) -> usize {
         let _round = self.queue.round.lock().await;
         let now = now_ms();
         self.expire(now).await;
@@ -354,8 +360,12 @@ impl Servers {
             }
             (ids, waiting)
         };
-        let known = self.known_ends(now);
-        let round = self.cluster.decide(&waiting, now, &known, ESTIMATES);
+        let (known, estimates) = if estimate {
+            (self.known_ends(now), ESTIMATES)
+        } else {
+            (Default::default(), 0)
+        };
+        let round = self.cluster.decide(&waiting, now, &known, estimates);
         let mut starts = Vec::new();
         let mut drops = Vec::new();
         {
@@ -368,10 +378,12 @@ impl Servers {
                         starts.push((e.stored.clone(), e.plan.clone(), c.clone()))
                     }
                     Some(Outcome::Drop(err)) => drops.push((e.stored.clone(), err.to_string())),
-                    Some(Outcome::Wait { estimate }) => {
+                    Some(Outcome::Wait { estimate: est }) => {
                         position += 1;
                         e.position = Some(position);
-                        e.estimate_ms = estimate.as_ref().map(|x| x.start_ms);
+                        if estimate {
+                            e.estimate_ms = est.as_ref().map(|x| x.start_ms);
+                        }
                     }
                     None => {
                         position += 1;

@@ -2,12 +2,12 @@
 //! running server must give its devices back, the warnings before, the stop at the
 //! start of someone else's reservation, and the loop that drives the queue.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use kcloud_cluster::plan::KnownEnds;
 use kcloud_core::device::DeviceRequest;
 use kcloud_core::reservation::format_instant;
 use kcloud_core::server::Server;
@@ -138,7 +138,7 @@ impl Servers {
     /// Devices whose release time is known: held by a server that must stop for a
     /// reservation or will be culled if it stays idle, or in a reservation that holds
     /// now (free again at its end).
-    pub(crate) fn known_ends(&self, now: u64) -> HashMap<String, u64> {
+    pub(crate) fn known_ends(&self, now: u64) -> KnownEnds {
         let cull = self
             .settings
             .culling
@@ -146,8 +146,11 @@ impl Servers {
             .ok()
             .flatten()
             .map(|(idle, _)| millis(idle));
-        let mut out = HashMap::new();
+        let mut out = KnownEnds::default();
         for s in self.provisioner.list(None) {
+            let Some(node) = s.node.as_deref() else {
+                continue;
+            };
             if !s.status.holds_devices() || s.devices.is_empty() {
                 continue;
             }
@@ -165,14 +168,14 @@ impl Servers {
             };
             if let Some(end) = end {
                 for d in &s.devices {
-                    out.insert(d.clone(), end.max(now));
+                    out.insert(node, d, end.max(now));
                 }
             }
         }
         for r in self.cluster.calendar().between(now, now + 1) {
             for d in &r.devices {
-                if self.cluster.ledger().holder(d).is_none() {
-                    out.entry(d.clone()).or_insert(r.end_ms);
+                if !out.contains(d) && self.cluster.ledger().holder(d).is_none() {
+                    out.insert(&r.node, d, r.end_ms);
                 }
             }
         }
@@ -356,7 +359,9 @@ impl Servers {
                 }
                 self.enforce_reservations(now).await;
             }
-            self.dispatch().await;
+            // Estimates (a walk over the nodes with known ends) on the periodic round
+            // only; a release is answered by a round that decides who starts.
+            self.dispatch_with(full).await;
             tokio::time::sleep(MIN_GAP).await;
         }
     }

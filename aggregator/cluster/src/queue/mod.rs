@@ -10,8 +10,9 @@
 //!   shadowed device, so starting them (backfill) never delays it;
 //! - a request of the same kind (model, or MIG profile and model) asking for at least
 //!   as many devices as one that just failed cannot fit either and is not tried again
-//!   in this round: a round costs one pass plus, per kind, at most one claim attempt
-//!   per distinct size.
+//!   in this round (nor estimated: it starts after that one, which is all that is
+//!   known): a round costs one pass plus, per kind, at most one claim attempt and
+//!   one estimate per distinct size.
 
 use std::collections::{HashMap, HashSet};
 
@@ -21,7 +22,7 @@ use kcloud_core::device::{DeviceRequest, Holder};
 use crate::Cluster;
 use crate::inventory::Dev;
 use crate::ledger::{Avoid, Claim};
-use crate::plan::Estimate;
+use crate::plan::{Estimate, KnownEnds};
 
 /// A waiting request, in fair order.
 #[derive(Clone, Debug)]
@@ -68,13 +69,14 @@ fn kind(req: &DeviceRequest) -> Option<(Kind<'_>, u32)> {
 impl Cluster {
     /// One round over `waiting` (see the module docs). `known_ends`: devices whose
     /// release time is known (see [`Cluster::estimate`]); `estimates`: how many of the
-    /// requests that keep waiting get an estimate (the rest: `None`), which bounds the
-    /// work of a round on a long queue.
+    /// requests that keep waiting get an estimate (the rest: `None`, and a shadow from
+    /// draining). Estimates cost a walk over the nodes with known ends, so the round
+    /// that follows a release passes 0 and a periodic one refreshes them.
     pub fn decide(
         &self,
         waiting: &[Waiting],
         now_ms: u64,
-        known_ends: &HashMap<String, u64>,
+        known_ends: &KnownEnds,
         estimates: usize,
     ) -> Round {
         let mut round = Round::default();
@@ -114,9 +116,13 @@ impl Cluster {
                 }
             }
             let mut avoid = Avoid::default();
-            self.calendar()
-                .avoid_for(&w.holder.user, now_ms, &mut avoid);
-            let estimate = (estimated < estimates)
+            if !hopeless {
+                self.calendar()
+                    .avoid_for(&w.holder.user, now_ms, &mut avoid);
+            }
+            // A hopeless request waits behind one of its kind that failed: its start
+            // is not known better than "after that one" (shown as unknown).
+            let estimate = (!hopeless && estimated < estimates)
                 .then(|| {
                     estimated += 1;
                     self.estimate(&w.request, now_ms, known_ends, &avoid, &taken)
@@ -156,7 +162,7 @@ impl Cluster {
     ) -> Vec<String> {
         let inv = self.inventory().read();
         let st = self.ledger().state();
-        let free = |d: &Dev| {
+        let free_now = |d: &Dev| {
             d.allocatable()
                 && !taken.contains(&*d.uuid)
                 && !avoid.contains(&d.uuid)
@@ -165,7 +171,7 @@ impl Cluster {
         match req {
             DeviceRequest::Exact(uuids) => uuids
                 .iter()
-                .filter(|u| inv.device(u).is_some_and(|(_, d)| free(d)))
+                .filter(|u| inv.device(u).is_some_and(|(_, d)| free_now(d)))
                 .cloned()
                 .collect(),
             DeviceRequest::Mig { .. } => Vec::new(),
@@ -177,36 +183,45 @@ impl Cluster {
                     },
                     None => None,
                 };
-                let mut best: Option<(usize, Vec<String>)> = None;
-                for node in inv.node_names() {
-                    if !inv.node_fresh(node, now_ms) {
-                        continue;
-                    }
-                    for c in st.node_counts(node) {
-                        if c.class.mig
-                            || c.free == 0
-                            || c.total < *count
-                            || mid.is_some_and(|m| c.class.model != m)
-                        {
+                // Nodes by free devices, most first (the ledger's index): the first
+                // few that could ever hold the request are looked at device by
+                // device; a round never walks the whole fleet.
+                let mut best: Option<Vec<String>> = None;
+                let classes: Vec<_> = st
+                    .classes_with_free()
+                    .filter(|c| !c.mig && mid.is_none_or(|m| c.model == m))
+                    .copied()
+                    .collect();
+                for class in classes {
+                    let mut looked = 0;
+                    for (free, node) in st.most_free(&class) {
+                        if best.as_ref().is_some_and(|b| free as usize <= b.len()) || looked >= 8 {
+                            break;
+                        }
+                        let total = st
+                            .node_counts(node)
+                            .iter()
+                            .find(|c| c.class == class)
+                            .map_or(0, |c| c.total);
+                        if total < *count || !inv.node_fresh(node, now_ms) {
                             continue;
                         }
-                        // Counted before avoid and taken: only a node that may beat the
-                        // best is looked at device by device.
-                        if best.as_ref().is_some_and(|(n, _)| c.free as usize <= *n) {
-                            continue;
-                        }
+                        looked += 1;
                         let devs: Vec<String> = inv
                             .node_devices(node)
-                            .filter(|(_, d)| d.class == c.class && free(d))
+                            .filter(|(_, d)| d.class == class && free_now(d))
                             .map(|(_, d)| d.uuid.to_string())
                             .collect();
-                        if best.as_ref().is_none_or(|(n, _)| devs.len() > *n) {
-                            best = Some((devs.len(), devs));
+                        if best.as_ref().is_none_or(|b| devs.len() > b.len()) {
+                            best = Some(devs);
                         }
                     }
                 }
-                best.map(|(_, d)| d).unwrap_or_default()
+                best.unwrap_or_default()
             }
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
