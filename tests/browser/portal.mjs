@@ -238,6 +238,57 @@ try {
   await page.locator(`.dev.free[data-uuid="${uuid}"]`).waitFor();
   await shot('slice-free-again');
 
+  // 12. Waiting and booking. Take the node's four whole GPUs with one server, then ask
+  // for one more GPU, willing to wait: the card shows its place in the queue; deleting
+  // the first server starts it (a toast says so).
+  const newServer = async (name, wait) => {
+    await page.locator('#nav').getByRole('link', { name: 'New server' }).click();
+    const f = page.getByRole('form', { name: 'New server' });
+    await f.waitFor();
+    await f.getByLabel('Name').fill(name);
+    await f.getByLabel('IDE').selectOption('custom');
+    await f.getByLabel('Command').fill('sleep 600');
+    await f.getByLabel('How to choose').selectOption('gpus');
+    await f.getByLabel('How many GPUs').fill(name === 'hog' ? '4' : '1');
+    if (wait) await f.getByLabel('If none is free').selectOption('1h');
+    await f.getByRole('button', { name: 'Create server' }).click();
+    await page.locator(`article.server[data-server="${name}"]`).waitFor();
+  };
+  await newServer('hog', false);
+  await newServer('waiter', true);
+  const waiter = page.locator('article.server[data-server="waiter"][data-status="queued"]');
+  await waiter.locator('.queue-place', { hasText: '#1 in line' }).waitFor();
+  await shot('queued');
+  // Toasts replace one another (the delete's own may come last): collect them all.
+  await page.evaluate(() => {
+    window.toasts = [];
+    const t = document.getElementById('toast');
+    new MutationObserver(() => window.toasts.push(t.textContent)).observe(t, { childList: true, characterData: true, subtree: true });
+  });
+  await page.locator('article.server[data-server="hog"]').getByRole('button', { name: 'Delete hog' }).click();
+  await page.locator('dialog.confirm').getByRole('button', { name: 'Delete' }).click();
+  await page.locator('article.server[data-server="waiter"]:not([data-status="queued"])').waitFor({ timeout: LONG });
+  await page.waitForFunction(() => window.toasts.some((x) => x.includes('waiter left the queue')));
+  await shot('dequeued');
+
+  // Book a span by dragging on a GPU's lane of the timeline; it is listed as mine.
+  await page.locator('#nav').getByRole('link', { name: 'Reservations' }).click();
+  await page.getByLabel('Node').fill(host);
+  await page.getByLabel('Node').dispatchEvent('change');
+  const lane = page.locator('.timeline .lane[data-uuid^="GPU-"]').first();
+  await lane.waitFor();
+  const box = await lane.boundingBox();
+  await page.mouse.move(box.x + box.width * 0.2, box.y + box.height / 2);
+  await page.mouse.down();
+  await page.mouse.move(box.x + box.width * 0.3, box.y + box.height / 2, { steps: 4 });
+  await page.mouse.up();
+  const booked = await page.getByLabel('Devices', { exact: true }).inputValue();
+  check(booked === await lane.getAttribute('data-uuid'), `the dragged lane's device is in the form: ${booked}`);
+  await page.getByRole('button', { name: 'Book', exact: true }).click();
+  await page.locator('.my-reservations li').first().waitFor();
+  await page.locator('.timeline .bar.reserved.mine').first().waitFor();
+  await shot('reservation');
+
   check(consoleErrors.length === 0, `no console errors: ${consoleErrors.join(' | ')}`);
   console.log('PORTAL OK');
 } catch (e) {

@@ -156,6 +156,11 @@ export class Live extends EventTarget {
     });
     es.addEventListener('server', (e) => {
       const s = JSON.parse(e.data);
+      const before = this.servers.get(`${s.owner}/${s.name}`);
+      // A queued server that got its devices: the shell tells the user.
+      if (before && before.status === 'queued' && s.status !== 'queued') {
+        this.dispatchEvent(new CustomEvent('dequeued', { detail: s }));
+      }
       this.servers.set(`${s.owner}/${s.name}`, s);
       this.pending.servers = true;
       this.schedule();

@@ -58,6 +58,15 @@ async function start() {
   document.getElementById('who').textContent = `${me.user.name}${admin ? ' (admin)' : ''}`;
   if (ctx.live) ctx.live.stop();
   ctx.live = new Live();
+  // A browser notification when one of my queued servers starts (if allowed; asked
+  // when a server is queued), and a toast in any case.
+  ctx.live.addEventListener('dequeued', (e) => {
+    const s = e.detail;
+    if (s.owner !== ctx.me.user.name) return;
+    const text = `Your server ${s.name} left the queue: ${s.status}.`;
+    toast(text);
+    if ('Notification' in window && Notification.permission === 'granted') new Notification('kcloud', { body: text });
+  });
   ctx.live.start();
   await route();
 }
@@ -67,6 +76,7 @@ const pages = {
   new: () => newServerPage(ctx),
   servers: () => serversPage(ctx),
   storage: async () => (await import('./storage.js')).storagePage(ctx),
+  reservations: async () => (await import('./reservations.js')).reservationsPage(ctx),
   admin: async () => {
     if (ctx.me.user.role !== 'admin') {
       return h('div', { class: 'denied' }, h('h2', {}, 'Not allowed'), h('p', {}, 'The admin pages are for administrators.'));

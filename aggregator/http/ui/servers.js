@@ -24,11 +24,17 @@ function words(s) {
 
 export async function newServerPage(ctx) {
   const { live, me } = ctx;
-  const [settings, mine, storage] = await Promise.all([
+  const [settings, mine, storage, booked] = await Promise.all([
     api('GET', '/api/v1/settings'),
     api('GET', '/api/v1/me'),
     loadMountables(me.user.name),
+    api('GET', '/api/v1/reservations').catch(() => []),
   ]);
+  // "free until 14:00": the next window on a device that is not mine.
+  const freeUntil = (uuid) => {
+    const next = booked.filter((r) => !r.mine && r.devices.includes(uuid)).sort((a, b) => a.start_ms - b.start_ms)[0];
+    return next ? ` (free until ${new Date(next.start_ms).toLocaleString([], { weekday: 'short', hour: '2-digit', minute: '2-digit' })})` : '';
+  };
   const picked = new Set();
   const form = h('form', { class: 'new-server', novalidate: true, 'aria-label': 'New server' });
   const name = h('input', { name: 'name', required: true, pattern: '[a-z0-9]([a-z0-9-]*[a-z0-9])?', maxlength: 63, autocomplete: 'off', placeholder: 'e.g. lab-1' });
@@ -65,7 +71,7 @@ export async function newServerPage(ctx) {
     picked,
     onPick: (d) => {
       if (picked.has(d.uuid)) picked.delete(d.uuid); else picked.add(d.uuid);
-      pickedLabel.set(d.uuid, `${d.node} GPU ${d.index}${d.profile ? ` ${d.profile}` : ''}`);
+      pickedLabel.set(d.uuid, `${d.node} GPU ${d.index}${d.profile ? ` ${d.profile}` : ''}${freeUntil(d.uuid)}`);
       pickedText.textContent = picked.size
         ? `Picked: ${[...picked].map((u) => pickedLabel.get(u) || u).join(', ')}`
         : 'Nothing picked: click free GPUs or MIG slices below.';
@@ -74,6 +80,12 @@ export async function newServerPage(ctx) {
   });
   const pickBox = h('div', { class: 'pick-box' }, pickedText, picker);
   const gpusBox = h('div', { class: 'row', hidden: true }, field('How many GPUs', count), field('Model', model));
+  // When nothing fitting is free: fail at once, or wait in the fair queue.
+  const wait = h('select', { name: 'wait' },
+    h('option', { value: '' }, 'Tell me at once'),
+    h('option', { value: '1h' }, 'Wait up to 1 hour'),
+    h('option', { value: '4h' }, 'Wait up to 4 hours'),
+    h('option', { value: '1d' }, 'Wait up to 1 day'));
   const migBox = h('div', { class: 'row', hidden: true }, field('MIG profile', migProfile), field('Model', model.cloneNode(true)));
   migBox.querySelector('select[name=model]').name = 'mig_model';
   devMode.addEventListener('change', () => {
@@ -117,7 +129,7 @@ export async function newServerPage(ctx) {
     h('div', { class: 'row' }, field('Image', image), field('Custom image', customImage)),
     h('div', { class: 'row' }, field('Command', command), field('Arguments', args)),
     volumes,
-    h('fieldset', { class: 'devices' }, h('legend', {}, 'GPUs'), field('How to choose', devMode), devicesField, gpusBox, migBox, pickBox),
+    h('fieldset', { class: 'devices' }, h('legend', {}, 'GPUs'), h('div', { class: 'row' }, field('How to choose', devMode), field('If none is free', wait)), devicesField, gpusBox, migBox, pickBox),
     quota,
     h('p', { class: 'form-error', role: 'alert' }),
     h('div', { class: 'row' }, submit));
@@ -142,10 +154,16 @@ export async function newServerPage(ctx) {
       return kind === 'volume' ? { volume: n } : { share: n };
     });
     if (vols.length) body.volumes = vols;
+    if (wait.value && (body.devices || body.gpu_request)) body.wait = { max: wait.value };
     submit.disabled = true;
     try {
       const s = await api('POST', `/api/v1/users/${enc(me.user.name)}/servers`, body);
-      toast(`Server ${s.name} created`);
+      if (s.status === 'queued') {
+        toast(`Server ${s.name} is queued (#${s.queue_position ?? '?'}); it starts when its GPUs free up`);
+        if ('Notification' in window && Notification.permission === 'default') Notification.requestPermission();
+      } else {
+        toast(`Server ${s.name} created`);
+      }
       location.hash = '#/servers';
     } catch (err) {
       if (!(err instanceof ApiError)) throw err;
@@ -241,6 +259,10 @@ function serverCard(s, ctx, showOwner) {
       h('span', { class: `badge status-${s.status}` }, s.status),
       s.reason ? h('span', { class: 'muted' }, s.reason) : null),
     progress(s),
+    s.status === 'queued' ? h('p', { class: 'queue-place', role: 'status' },
+      `Queued: #${s.queue_position ?? '?'} in line · expected start ${s.estimated_start_ms ? new Date(s.estimated_start_ms).toLocaleString() : 'unknown'} · waits until ${new Date(s.wait_until_ms).toLocaleString()}`) : null,
+    s.ends_at_ms ? h('p', { class: 'ends-at warning', role: 'status' },
+      `Will be stopped at ${new Date(s.ends_at_ms).toLocaleString()}: ${s.ends_because}. Volumes are kept.`) : null,
     h('dl', { class: 'facts' },
       h('dt', {}, 'Devices'), h('dd', {}, devs.length ? devs.join(', ') : 'none'),
       h('dt', {}, 'Resources'), h('dd', {}, `${s.cpu_millis / 1000} CPUs · ${bytes(s.memory_bytes)}`),
