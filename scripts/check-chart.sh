@@ -187,12 +187,16 @@ for obj in docs:
                    "images": struct_fields(src, "Images"),
                    "kubernetes": struct_fields(src, "KubernetesSettings"),
                    "pinning": struct_fields(src, "Pinning"),
-                   "toleration": struct_fields(src, "Toleration")}
+                   "toleration": struct_fields(src, "Toleration"),
+                   "queue": struct_fields(src, "QueueSettings"),
+                   "reservations": struct_fields(src, "ReservationSettings")}
         def known(table, where, keys):
             for key in keys:
                 if key not in allowed[table]:
                     errors.append(f"{name}: kcloud.toml: {where}.{key} unknown")
         known("images", "images", settings.get("images", {}))
+        known("queue", "queue", settings.get("queue", {}))
+        known("reservations", "reservations", settings.get("reservations", {}))
         kube = settings.get("kubernetes", {})
         known("kubernetes", "kubernetes", kube)
         known("pinning", "kubernetes.pinning", kube.get("pinning", {}))

@@ -37,6 +37,47 @@ pub enum DeviceRequest {
     },
 }
 
+/// "N whole GPUs" (`count`, optionally of `model`) or "one MIG instance of
+/// `mig_profile`" (optionally on `model`), placed by the ledger: what a create or a
+/// reservation asks for instead of exact devices.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GpuRequest {
+    pub count: Option<u32>,
+    pub mig_profile: Option<String>,
+    pub model: Option<String>,
+}
+
+impl GpuRequest {
+    /// The placement request, its fields checked.
+    pub fn into_request(self) -> crate::Result<DeviceRequest> {
+        let bad = |m: &str| crate::Error::BadRequest(m.to_owned());
+        if let Some(m) = &self.model
+            && (m.is_empty() || m.len() > 128)
+        {
+            return Err(bad("gpu_request.model: 1 to 128 characters"));
+        }
+        match (self.count, self.mig_profile) {
+            (Some(count), None) => Ok(DeviceRequest::Gpus {
+                count,
+                model: self.model,
+            }),
+            (None, Some(profile)) => {
+                if profile.is_empty() || profile.len() > 64 {
+                    return Err(bad("gpu_request.mig_profile: 1 to 64 characters"));
+                }
+                Ok(DeviceRequest::Mig {
+                    profile,
+                    model: self.model,
+                })
+            }
+            _ => Err(bad(
+                "gpu_request: give `count` (whole GPUs) or `mig_profile` (one MIG instance), not both",
+            )),
+        }
+    }
+}
+
 /// Where a device lives on its node, as the driver's device files name it: what a
 /// sandbox needs to expose exactly that device (`/dev/nvidia{minor}`, and for a MIG
 /// instance the capabilities of its GPU and compute instance).

@@ -65,14 +65,39 @@ fn hex(b: &[u8]) -> String {
 
 /// An instant as users write it: RFC 3339 (`2026-12-03T14:00:00Z`, or with an offset).
 pub fn parse_instant(what: &str, s: &str) -> Result<u64> {
-    let t = humantime::parse_rfc3339_weak(s)
-        .or_else(|_| humantime::parse_rfc3339(s))
-        .map_err(|e| Error::BadRequest(format!("{what}: {s:?} is not an RFC 3339 time: {e}")))?;
+    let bad = |e: &dyn std::fmt::Display| {
+        Error::BadRequest(format!("{what}: {s:?} is not an RFC 3339 time: {e}"))
+    };
+    // humantime reads UTC (`Z`) only: a numeric offset is taken off and applied here.
+    let (local, offset_s) = match split_offset(s) {
+        Some((local, offset)) => (local, offset),
+        None => (s, 0),
+    };
+    let t = humantime::parse_rfc3339_weak(local)
+        .or_else(|_| humantime::parse_rfc3339(local))
+        .map_err(|e| bad(&e))?;
     let ms = t
         .duration_since(UNIX_EPOCH)
         .map_err(|_| Error::BadRequest(format!("{what}: before 1970")))?
         .as_millis();
-    u64::try_from(ms).map_err(|_| Error::BadRequest(format!("{what}: too far in the future")))
+    let ms = i128::try_from(ms).map_err(|e| bad(&e))? - i128::from(offset_s) * 1000;
+    u64::try_from(ms).map_err(|_| Error::BadRequest(format!("{what}: out of range")))
+}
+
+/// `2026-12-03T15:00:00+01:00` → (`2026-12-03T15:00:00`, 3600).
+fn split_offset(s: &str) -> Option<(&str, i64)> {
+    let (local, off) = s.split_at_checked(s.len().checked_sub(6)?)?;
+    let sign = match off.as_bytes().first()? {
+        b'+' => 1,
+        b'-' => -1,
+        _ => return None,
+    };
+    let (h, m) = off[1..].split_once(':')?;
+    if h.len() != 2 || m.len() != 2 || !local.contains('T') {
+        return None;
+    }
+    let (h, m): (i64, i64) = (h.parse().ok()?, m.parse().ok()?);
+    (h < 24 && m < 60).then_some((local, sign * (h * 3600 + m * 60)))
 }
 
 /// `ms` as RFC 3339 in UTC, to the second.

@@ -108,8 +108,11 @@ pub struct ReservationSettings {
     /// How far ahead a window may start (default 90 days).
     #[serde(deserialize_with = "duration")]
     pub max_lead: Duration,
-    /// Normalized GPU-hours a user may book per calendar week; unset: no limit.
+    /// Normalized GPU-hours a user may book per calendar week (default 168: one GPU
+    /// all week); a large number lifts it.
     pub max_gpu_hours_per_week: Option<f64>,
+    /// Reservations a user may have that have not ended yet (default 10).
+    pub max_per_user: u32,
     /// A reservation that no server of its owner used this long after its start is
     /// released (default 30 minutes); `"0"` turns the rule off.
     #[serde(deserialize_with = "opt_duration")]
@@ -121,7 +124,8 @@ impl Default for ReservationSettings {
         Self {
             max_length: Duration::from_secs(7 * 86_400),
             max_lead: Duration::from_secs(90 * 86_400),
-            max_gpu_hours_per_week: None,
+            max_gpu_hours_per_week: Some(168.0),
+            max_per_user: 10,
             no_show_after: Some(Duration::from_secs(30 * 60)),
         }
     }
@@ -680,6 +684,37 @@ mod tests {
         std::fs::write(&path, "unknown = 1\n").unwrap();
         assert!(Settings::load(Some(&path)).is_err());
         assert_eq!(Settings::load(None).unwrap().presets.len(), 3);
+    }
+
+    #[test]
+    fn queue_and_reservation_settings_as_the_chart_renders_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kcloud.toml");
+        // Helm renders whole numbers without a decimal point.
+        std::fs::write(
+            &path,
+            "[queue]\nmax_wait = \"7d\"\nmax_queued_per_user = 5\nhalf_life = \"7d\"\n\
+             weights = { \"alice\" = 2 }\n[reservations]\nmax_length = \"7d\"\n\
+             max_lead = \"90d\"\nmax_gpu_hours_per_week = 40\nno_show_after = \"0\"\n",
+        )
+        .unwrap();
+        let s = Settings::load(Some(&path)).unwrap();
+        assert_eq!(s.queue.weight("alice"), 2.0);
+        assert_eq!(s.queue.weight("bob"), 1.0);
+        let p = s.reservations.policy();
+        assert_eq!(p.max_gpu_hours_per_week, Some(40.0));
+        assert_eq!(p.no_show_after, None, "\"0\" turns the no-show rule off");
+        for bad in [
+            "[queue]\nhalf_life = \"0s\"\n",
+            "[queue]\nweights = { alice = 0 }\n",
+            "[queue]\nmax_wait = \"soon\"\n",
+            "[reservations]\nmax_length = \"5m\"\n",
+            "[reservations]\nmax_gpu_hours_per_week = -1\n",
+            "[notifications]\nwebhook_url = \"ftp://x\"\n",
+        ] {
+            std::fs::write(&path, bad).unwrap();
+            assert!(Settings::load(Some(&path)).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -14,7 +14,8 @@
 //! - a device that another user's server holds now is booked only from 15 minutes
 //!   ahead, so that server is warned before it is stopped at the start;
 //! - the normalized GPU-hours a user has booked per calendar week (Monday 00:00 UTC)
-//!   stay within `max_gpu_hours_per_week`.
+//!   stay within `max_gpu_hours_per_week`, and at most `max_per_user` reservations
+//!   that have not ended (429 beyond either).
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -24,7 +25,7 @@ use utoipa::ToSchema;
 
 use kcloud_cluster::Cluster;
 use kcloud_core::caller::Caller;
-use kcloud_core::device::{DeviceRequest, MAX_DEVICES_PER_REQUEST, valid_uuid};
+use kcloud_core::device::{DeviceRequest, GpuRequest, MAX_DEVICES_PER_REQUEST, valid_uuid};
 use kcloud_core::repo::Repository;
 use kcloud_core::reservation::{
     MIN_LENGTH, Reservation, format_instant, new_reservation_id, parse_instant,
@@ -35,7 +36,6 @@ use kcloud_core::time::millis;
 use kcloud_core::{Error, Result, now_ms};
 
 use crate::audit::Audit;
-use crate::servers::{GpuRequest, gpu_request};
 
 /// The notice a running server gets before a reservation of its device starts.
 pub const NOTICE_MS: u64 = 15 * 60 * 1000;
@@ -193,7 +193,7 @@ impl Reservations {
             (None, None) => return Err(bad("give `devices` or a `gpu_request`")),
             (Some(d), None) => (self.check_devices(&d)?, d),
             (None, Some(g)) => {
-                let req = gpu_request(g)?;
+                let req = g.into_request()?;
                 if let DeviceRequest::Gpus { count, .. } = &req
                     && !(1..=MAX_DEVICES_PER_REQUEST).contains(count)
                 {
@@ -229,6 +229,19 @@ impl Reservations {
             }
             if let Some(max) = policy.max_gpu_hours_per_week {
                 self.check_budget(owner, &devices, start, end, max)?;
+            }
+            let max = self.settings.reservations.max_per_user;
+            let have = self
+                .cluster
+                .calendar()
+                .between(now, u64::MAX)
+                .iter()
+                .filter(|r| r.owner == owner && !r.maintenance)
+                .count();
+            if have >= max as usize {
+                return Err(Error::QuotaExceeded(format!(
+                    "reservation quota exceeded: {owner} has {have} of {max} reservations that                      have not ended"
+                )));
             }
         }
         let r = Reservation {

@@ -22,7 +22,7 @@ use utoipa::ToSchema;
 use kcloud_cluster::Cluster;
 use kcloud_cluster::ledger::Claim;
 use kcloud_core::caller::Caller;
-use kcloud_core::device::{DeviceRequest, Holder, MAX_DEVICES_PER_REQUEST, valid_uuid};
+use kcloud_core::device::{DeviceRequest, GpuRequest, Holder, MAX_DEVICES_PER_REQUEST, valid_uuid};
 use kcloud_core::launch::{CUSTOM_PROFILE, DEFAULT_PROFILE, Launch, RunProfile, validate_launch};
 use kcloud_core::quantity::{Quantity, cpu_millis, memory_bytes};
 use kcloud_core::repo::Repository;
@@ -46,16 +46,6 @@ pub const DEFAULT_LOG_LINES: usize = 200;
 pub const MAX_LOG_LINES: usize = 10_000;
 /// How long a claim may stay uncommitted before it is released.
 pub const CLAIM_TTL: Duration = Duration::from_secs(600);
-
-/// "N whole GPUs" (`count`, optionally of `model`) or "one MIG instance of
-/// `mig_profile`" (optionally on `model`), placed by the ledger.
-#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct GpuRequest {
-    pub count: Option<u32>,
-    pub mig_profile: Option<String>,
-    pub model: Option<String>,
-}
 
 /// A server to create. Resources: `preset`, or `cpu` and `memory`, or neither (the
 /// smallest preset). Devices: exact `devices` UUIDs, or a `gpu_request`, or neither.
@@ -801,7 +791,7 @@ pub(crate) fn validate(settings: &Settings, req: CreateServer) -> Result<Plan> {
             }
             Some(DeviceRequest::Exact(d))
         }
-        (None, Some(g)) => Some(gpu_request(g)?),
+        (None, Some(g)) => Some(g.into_request()?),
         (None, None) => None,
     };
     let profile_name = match (&req.profile, &req.command) {
@@ -898,32 +888,6 @@ pub(crate) fn validate(settings: &Settings, req: CreateServer) -> Result<Plan> {
         wait_ms,
         reservation: req.reservation,
     })
-}
-
-pub(crate) fn gpu_request(g: GpuRequest) -> Result<DeviceRequest> {
-    if let Some(m) = &g.model
-        && (m.is_empty() || m.len() > 128)
-    {
-        return Err(bad("gpu_request.model: 1 to 128 characters"));
-    }
-    match (g.count, g.mig_profile) {
-        (Some(count), None) => Ok(DeviceRequest::Gpus {
-            count,
-            model: g.model,
-        }),
-        (None, Some(profile)) => {
-            if profile.is_empty() || profile.len() > 64 {
-                return Err(bad("gpu_request.mig_profile: 1 to 64 characters"));
-            }
-            Ok(DeviceRequest::Mig {
-                profile,
-                model: g.model,
-            })
-        }
-        _ => Err(bad(
-            "gpu_request: give `count` (whole GPUs) or `mig_profile` (one MIG instance), not both",
-        )),
-    }
 }
 
 mod queue;
