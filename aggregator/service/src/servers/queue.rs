@@ -316,6 +316,14 @@ impl Servers {
         let _round = self.queue.round.lock().await;
         let now = now_ms();
         self.expire(now).await;
+        // Every agent push wakes the scheduler: an empty queue costs nothing more.
+        {
+            let mut st = self.queue.state();
+            if st.entries.is_empty() {
+                st.promised = Avoid::default();
+                return 0;
+            }
+        }
         let users: HashMap<String, kcloud_core::user::User> = match self.repo.users().await {
             Ok(u) => u.into_iter().map(|u| (u.name.clone(), u)).collect(),
             Err(e) => {
@@ -368,6 +376,8 @@ impl Servers {
         let round = self.cluster.decide(&waiting, now, &known, estimates);
         let mut starts = Vec::new();
         let mut drops = Vec::new();
+        // Live views are told only when a place or an estimate moved.
+        let mut moved = false;
         {
             let mut st = self.queue.state();
             let mut position = 0u32;
@@ -380,13 +390,17 @@ impl Servers {
                     Some(Outcome::Drop(err)) => drops.push((e.stored.clone(), err.to_string())),
                     Some(Outcome::Wait { estimate: est }) => {
                         position += 1;
+                        moved |= e.position != Some(position);
                         e.position = Some(position);
                         if estimate {
-                            e.estimate_ms = est.as_ref().map(|x| x.start_ms);
+                            let ms = est.as_ref().map(|x| x.start_ms);
+                            moved |= e.estimate_ms != ms;
+                            e.estimate_ms = ms;
                         }
                     }
                     None => {
                         position += 1;
+                        moved |= e.position != Some(position);
                         e.position = Some(position);
                     }
                 }
@@ -431,6 +445,7 @@ impl Servers {
                 }
             }
         }
+        let dropped = !drops.is_empty();
         for (stored, why) in drops {
             self.take_entry(&stored.owner, &stored.name);
             let _ = self.repo.delete_queued(&stored.id).await;
@@ -444,7 +459,9 @@ impl Servers {
                 )
                 .await;
         }
-        self.queue.changed.notify();
+        if moved || started > 0 || dropped {
+            self.queue.changed.notify();
+        }
         started
     }
 
