@@ -32,6 +32,8 @@ pub mod settings;
 pub mod signal;
 /// The aggregator's clock.
 pub mod time;
+/// The usage ledger: intervals devices were held, GPU-hours per day.
+pub mod usage;
 /// Users, roles, quotas, sessions and the audit log's entries.
 pub mod user;
 /// Names and paths that end up in URLs, paths and Kubernetes objects.

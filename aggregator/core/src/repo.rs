@@ -12,6 +12,7 @@ use async_trait::async_trait;
 use crate::queue::{QueueEntry, UsageScore};
 use crate::reservation::Reservation;
 use crate::server::{Server, ServerEvent};
+use crate::usage::{GroupBy, UsageInterval, UsageRow};
 use crate::user::{AuditEntry, NewUser, RefreshRow, RefreshUse, User, UserPatch, UserRecord};
 use crate::volume::VolumeRow;
 use crate::{Error, Result};
@@ -143,14 +144,53 @@ pub trait QueueRepo: Send + Sync {
     async fn usage_scores(&self) -> Result<Vec<(String, UsageScore)>>;
 }
 
+/// The usage ledger (see `kcloud_core::usage`).
+#[async_trait]
+pub trait UsageRepo: Send + Sync {
+    /// Records devices a server started holding (open intervals).
+    async fn open_usage(&self, intervals: Vec<UsageInterval>) -> Result<()>;
+    /// Closes a server's open intervals at `end_ms`, adding them to the days they span
+    /// (one transaction); `recovered` marks those days. Returns how many it closed.
+    async fn close_usage(&self, server_id: &str, end_ms: u64, recovered: bool) -> Result<usize>;
+    /// Servers with open intervals.
+    async fn open_usage_servers(&self) -> Result<Vec<String>>;
+    /// Records that the aggregator was alive at `at_ms`.
+    async fn mark_alive(&self, at_ms: u64) -> Result<()>;
+    async fn last_alive(&self) -> Result<Option<u64>>;
+    /// Normalized GPU-hours of days `[from_day, to_day)` grouped by `group_by`, one
+    /// user's with `user`; open intervals counted up to `now_ms`.
+    async fn usage(
+        &self,
+        from_day: u64,
+        to_day: u64,
+        group_by: GroupBy,
+        user: Option<String>,
+        now_ms: u64,
+    ) -> Result<Vec<UsageRow>>;
+}
+
 /// All of it: what the SQLite store is.
 pub trait Repository:
-    UserRepo + SessionRepo + AuditRepo + ServerRepo + VolumeRepo + ReservationRepo + QueueRepo
+    UserRepo
+    + SessionRepo
+    + AuditRepo
+    + ServerRepo
+    + VolumeRepo
+    + ReservationRepo
+    + QueueRepo
+    + UsageRepo
 {
 }
 
-impl<T: UserRepo + SessionRepo + AuditRepo + ServerRepo + VolumeRepo + ReservationRepo + QueueRepo>
-    Repository for T
+impl<T> Repository for T where
+    T: UserRepo
+        + SessionRepo
+        + AuditRepo
+        + ServerRepo
+        + VolumeRepo
+        + ReservationRepo
+        + QueueRepo
+        + UsageRepo
 {
 }
 

@@ -93,6 +93,7 @@ pub fn router(state: AppState) -> (Router, OpenApi) {
         .merge(routes::nodes::routes())
         .merge(routes::ops::routes())
         .merge(routes::schedule::routes())
+        .merge(routes::usage::routes())
         .merge(routes::servers::routes())
         .merge(events::routes())
         .merge(routes::volumes::routes())

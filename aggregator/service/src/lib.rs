@@ -23,6 +23,8 @@ pub mod prometheus;
 pub mod reservations;
 /// Servers: create (or wait in the queue), delete, cull, their end, logs and events.
 pub mod servers;
+/// Usage accounting: GPU-hours per user, model, node and day.
+pub mod usage;
 /// User administration and the signed-in user's own view.
 pub mod users;
 /// Volumes, shares, mounts and the file browser's roots.

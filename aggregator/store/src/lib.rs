@@ -1,6 +1,6 @@
 //! kcloud-store: the SQLite implementation of `kcloud_core::repo` — users,
 //! refresh-token families, the audit log, the local shape's servers with their events,
-//! volumes, reservations and the wait queue — in the data dir.
+//! volumes, reservations, the wait queue and the usage ledger — in the data dir.
 //!
 //! One connection behind a mutex; every async call runs on the blocking pool. WAL with
 //! `synchronous=FULL`, so a write is on disk before the call returns.
@@ -11,6 +11,7 @@ mod queue;
 mod reservations;
 mod servers;
 mod sessions;
+mod usage;
 mod users;
 mod volumes;
 

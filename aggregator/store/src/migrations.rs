@@ -148,6 +148,53 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         at_ms     INTEGER NOT NULL
     ) STRICT;
     "#,
+    // 7: the usage ledger: open intervals, and GPU-hours per UTC day and (user, model,
+    // profile, node), what reports read. `alive` holds the last time the aggregator
+    // was known running (intervals open at a crash are closed there).
+    r#"
+    CREATE TABLE usage_open (
+        server_id TEXT NOT NULL,
+        device    TEXT NOT NULL,
+        user_name TEXT NOT NULL,
+        server    TEXT NOT NULL,
+        kind      TEXT NOT NULL,
+        model     TEXT NOT NULL,
+        profile   TEXT NOT NULL,
+        node      TEXT NOT NULL,
+        weight    REAL NOT NULL CHECK (weight >= 0),
+        start_ms  INTEGER NOT NULL,
+        PRIMARY KEY (server_id, device)
+    ) STRICT;
+    CREATE TABLE usage_daily (
+        day       INTEGER NOT NULL,
+        user_name TEXT NOT NULL,
+        model     TEXT NOT NULL,
+        profile   TEXT NOT NULL,
+        node      TEXT NOT NULL,
+        gpu_hours REAL NOT NULL CHECK (gpu_hours >= 0),
+        recovered INTEGER NOT NULL DEFAULT 0 CHECK (recovered IN (0, 1)),
+        PRIMARY KEY (day, user_name, model, profile, node)
+    ) STRICT, WITHOUT ROWID;
+    CREATE INDEX usage_daily_user ON usage_daily (user_name, day);
+    -- Roll-ups per day and one dimension: a month grouped by user reads 30 × users
+    -- rows, not every (user, model, profile, node) of every day.
+    CREATE TABLE usage_by_user (
+        day INTEGER NOT NULL, user_name TEXT NOT NULL, gpu_hours REAL NOT NULL,
+        recovered INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (day, user_name)
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE usage_by_model (
+        day INTEGER NOT NULL, model TEXT NOT NULL, gpu_hours REAL NOT NULL,
+        recovered INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (day, model)
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE usage_by_node (
+        day INTEGER NOT NULL, node TEXT NOT NULL, gpu_hours REAL NOT NULL,
+        recovered INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (day, node)
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE alive (
+        id    INTEGER PRIMARY KEY CHECK (id = 1),
+        at_ms INTEGER NOT NULL
+    ) STRICT;
+    "#,
 ];
 
 /// The schema version this binary writes.

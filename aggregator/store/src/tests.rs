@@ -764,3 +764,107 @@ async fn local_uids_are_allocated_once_and_never_reused() {
     assert!(matches!(err, kcloud_core::Error::Unavailable(_)), "{err:?}");
     assert!(err.to_string().contains("uid_range"), "{err}");
 }
+
+/// The usage ledger against a model: random servers open and close intervals on
+/// devices of different weights (whole GPUs, MIG slices), across day boundaries and
+/// reopenings of the database; what the reports sum, per user and per day, equals the
+/// time each device was held times its weight.
+#[tokio::test]
+async fn usage_sums_equal_the_time_devices_were_held() {
+    use kcloud_core::repo::UsageRepo;
+    use kcloud_core::usage::{DAY_MS, GroupBy, UsageInterval, day_of};
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    use std::collections::HashMap;
+
+    for seed in 0..8u64 {
+        let (dir, mut store) = open_temp();
+        let mut rng = StdRng::seed_from_u64(seed);
+        let t0 = 20_000 * DAY_MS + 23 * 3_600_000; // an hour before a midnight
+        let mut now = t0;
+        // server id -> (user, weight × devices, start)
+        let mut open: HashMap<String, (String, f64, u64)> = HashMap::new();
+        let mut want: HashMap<String, f64> = HashMap::new();
+        for step in 0..60 {
+            now += rng.random_range(1..4 * 3_600_000u64);
+            match rng.random_range(0..4) {
+                0 | 1 => {
+                    let id = format!("s{seed}-{step}");
+                    let user = format!("u{}", rng.random_range(0..3));
+                    let weights = [1.0, 3.0 / 7.0, 1.0 / 7.0];
+                    let n = rng.random_range(1..3);
+                    let intervals: Vec<UsageInterval> = (0..n)
+                        .map(|d| UsageInterval {
+                            server_id: id.clone(),
+                            user: user.clone(),
+                            server: id.clone(),
+                            device: format!("GPU-{step}-{d}"),
+                            kind: "gpu".into(),
+                            model: "A100".into(),
+                            profile: String::new(),
+                            node: "n1".into(),
+                            weight: weights[(step + d) % 3],
+                            start_ms: now,
+                        })
+                        .collect();
+                    let w: f64 = intervals.iter().map(|i| i.weight).sum();
+                    store.open_usage(intervals).await.unwrap();
+                    open.insert(id, (user, w, now));
+                }
+                2 => {
+                    let Some(id) = open.keys().next().cloned() else {
+                        continue;
+                    };
+                    let (user, w, start) = open.remove(&id).unwrap();
+                    assert!(store.close_usage(&id, now, false).await.unwrap() > 0);
+                    *want.entry(user).or_default() += w * (now - start) as f64 / 3.6e6;
+                }
+                _ => {
+                    // The database is closed and opened again: nothing is lost.
+                    store.close().await.unwrap();
+                    store = Store::open(&dir.path().join("kcloud.db")).unwrap();
+                }
+            }
+        }
+        // Open intervals count up to `now`.
+        for (user, w, start) in open.values() {
+            *want.entry(user.clone()).or_default() += w * (now - start) as f64 / 3.6e6;
+        }
+        let (from, to) = (day_of(t0), day_of(now) + 1);
+        let rows = store
+            .usage(from, to, GroupBy::User, None, now)
+            .await
+            .unwrap();
+        for (user, hours) in &want {
+            let got = rows
+                .iter()
+                .find(|r| &r.key == user)
+                .map_or(0.0, |r| r.gpu_hours);
+            assert!(
+                (got - hours).abs() < 1e-6,
+                "seed {seed}: {user}: {got} vs {hours}"
+            );
+        }
+        let by_day: f64 = store
+            .usage(from, to, GroupBy::Day, None, now)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.gpu_hours)
+            .sum();
+        let total: f64 = want.values().sum();
+        assert!(
+            (by_day - total).abs() < 1e-6,
+            "seed {seed}: by day {by_day} vs {total}"
+        );
+        // One user's own view is the same number.
+        for (user, hours) in &want {
+            let mine = store
+                .usage(from, to, GroupBy::Day, Some(user.clone()), now)
+                .await
+                .unwrap();
+            let got: f64 = mine.iter().map(|r| r.gpu_hours).sum();
+            assert!((got - hours).abs() < 1e-6, "seed {seed}: {user}'s own view");
+        }
+    }
+}

@@ -20,3 +20,4 @@ mod servers;
 mod sessions;
 mod storage;
 mod store_auth;
+mod usage;

@@ -38,6 +38,7 @@ use kcloud_provision::{Exits, LogStream, Provisioner};
 use crate::audit::Audit;
 use crate::locks::OwnerLocks;
 use crate::notify::Notifier;
+use crate::usage::UsageLedger;
 use crate::volumes::{MountRequest, Volumes, mounted_by};
 
 const MAX_IMAGE: usize = 255;
@@ -151,6 +152,7 @@ pub struct Servers {
     locks: Arc<OwnerLocks>,
     notifier: Notifier,
     queue: queue::QueueBook,
+    usage: Arc<UsageLedger>,
     /// Warnings already given: (server id, reservation id, minutes before).
     warned: std::sync::Mutex<std::collections::HashSet<(String, String, u64)>>,
 }
@@ -191,11 +193,14 @@ impl Exits for ReleaseOnExit {
             && !released.is_empty()
         {
             let hours = gpu_hours(&self.cluster, &released, server.created_at_ms, now_ms());
-            let (repo, owner) = (repo.clone(), server.owner.clone());
+            let (repo, owner, id) = (repo.clone(), server.owner.clone(), server.id.clone());
             let half_life = kcloud_core::time::millis(settings.queue.half_life);
             tokio::spawn(async move {
                 if let Err(e) = repo.add_usage(&owner, hours, now_ms(), half_life).await {
                     tracing::warn!(error = %e, "could not record GPU-hours");
+                }
+                if let Err(e) = repo.close_usage(&id, now_ms(), false).await {
+                    tracing::warn!(error = %e, "could not close usage");
                 }
             });
         }
@@ -219,6 +224,7 @@ impl Servers {
         Self {
             audit: Audit::new(repo.clone()),
             notifier: Notifier::new(settings.notifications.webhook_url.clone()),
+            usage: UsageLedger::new(repo.clone(), cluster.clone()),
             repo,
             cluster,
             provisioner,
@@ -228,6 +234,11 @@ impl Servers {
             queue: Default::default(),
             warned: Default::default(),
         }
+    }
+
+    /// The usage ledger (reports).
+    pub fn usage(&self) -> &Arc<UsageLedger> {
+        &self.usage
     }
 
     /// Finds the servers that exist (adopting live ones) and rebuilds the ledger from
@@ -241,6 +252,7 @@ impl Servers {
                 .filter(|s| s.status.holds_devices())
                 .flat_map(|s| s.devices.iter().map(|d| (d.clone(), s.holder()))),
         );
+        self.usage.recover(&servers).await?;
         Ok(servers)
     }
 
@@ -433,6 +445,9 @@ impl Servers {
                 }
             }
         }
+        if server.status.holds_devices() {
+            self.usage.opened(&server).await;
+        }
         if let Some(id) = booked
             && let Err(e) = self.mark_reservation_used(&id).await
         {
@@ -550,6 +565,7 @@ impl Servers {
             self.account(&server.owner, &released, server.created_at_ms)
                 .await;
         }
+        self.usage.closed(&server.id).await;
         Ok(released)
     }
 
@@ -702,6 +718,9 @@ impl Servers {
     /// Stops watching servers (they keep running; the next start adopts them).
     pub async fn shutdown(&self) {
         self.provisioner.shutdown().await;
+        // A clean stop knows exactly when it stopped watching: usage of servers that
+        // end before the next start is closed there.
+        self.usage.alive().await;
     }
 }
 

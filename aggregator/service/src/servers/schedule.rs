@@ -339,6 +339,7 @@ impl Servers {
             };
             let now = now_ms();
             if full {
+                self.usage.alive().await;
                 match reservations.release_no_shows(now).await {
                     Ok(gone) => {
                         for r in gone {

@@ -1,0 +1,91 @@
+//! Usage reports (the use case is `kcloud_service::usage`).
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use kcloud_core::usage::{GroupBy, UsageRow};
+
+use crate::AppState;
+use crate::error::{ApiError, ErrorBody};
+use crate::extract::{ApiQuery, Caller};
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(usage))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct UsageQuery {
+    /// First day included: `YYYY-MM-DD` or RFC 3339 (default: the first of this month).
+    pub from: Option<String>,
+    /// Last day included (default: today); at most 400 days after `from`.
+    pub to: Option<String>,
+    /// `user` (default), `model`, `node` or `day`.
+    pub group_by: Option<GroupBy>,
+    /// Admins: one user's usage.
+    pub user: Option<String>,
+}
+
+/// Normalized GPU-hours (a whole GPU counts 1 per hour, a MIG instance its compute
+/// slices over its GPU's) per UTC day, summed over the window and grouped: yours, or
+/// (admins) everyone's. `Accept: text/csv` answers CSV (`key,gpu_hours,recovered`).
+#[utoipa::path(get, path = "/api/v1/usage", tag = "usage", params(UsageQuery),
+    responses((status = 200, content((Vec<UsageRow> = "application/json"), (String = "text/csv"))),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = []), ("cookie" = [])))]
+async fn usage(
+    State(s): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    ApiQuery(q): ApiQuery<UsageQuery>,
+) -> Result<Response, ApiError> {
+    let rows = s
+        .servers
+        .usage()
+        .report(
+            &caller,
+            q.from.as_deref(),
+            q.to.as_deref(),
+            q.group_by.unwrap_or(GroupBy::User),
+            q.user,
+        )
+        .await?;
+    let csv = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/csv"));
+    if !csv {
+        return Ok(Json(rows).into_response());
+    }
+    let mut out = String::from("key,gpu_hours,recovered\r\n");
+    for r in rows {
+        out.push_str(&format!(
+            "{},{:.6},{}\r\n",
+            csv_field(&r.key),
+            r.gpu_hours,
+            r.recovered
+        ));
+    }
+    Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], out).into_response())
+}
+
+/// RFC 4180 quoting, and no formula injection when opened in a spreadsheet.
+fn csv_field(s: &str) -> String {
+    let s = if s.starts_with(['=', '+', '-', '@']) {
+        format!("'{s}")
+    } else {
+        s.to_owned()
+    };
+    if s.contains([',', '"', '\r', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s
+    }
+}

@@ -1,0 +1,148 @@
+//! Usage accounting: the intervals servers held devices, recorded as they start and
+//! end (see `kcloud_core::usage` for the rules), and the reports.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use kcloud_cluster::Cluster;
+use kcloud_core::caller::Caller;
+use kcloud_core::repo::Repository;
+use kcloud_core::server::Server;
+use kcloud_core::usage::{GroupBy, UsageInterval, UsageRow, day_of, parse_day};
+use kcloud_core::validate::validate_user_name;
+use kcloud_core::{Error, Result, now_ms};
+
+/// The longest window a report covers.
+pub const MAX_REPORT_DAYS: u64 = 400;
+
+/// Records and reports usage. Share it as `Arc<UsageLedger>`.
+pub struct UsageLedger {
+    repo: Arc<dyn Repository>,
+    cluster: Arc<Cluster>,
+}
+
+impl UsageLedger {
+    pub fn new(repo: Arc<dyn Repository>, cluster: Arc<Cluster>) -> Arc<Self> {
+        Arc::new(Self { repo, cluster })
+    }
+
+    /// `server` started holding its devices now.
+    pub async fn opened(&self, server: &Server) {
+        if server.devices.is_empty() {
+            return;
+        }
+        let now = now_ms();
+        let intervals = server
+            .devices
+            .iter()
+            .map(|d| {
+                let f = self.cluster.describe(d);
+                UsageInterval {
+                    server_id: server.id.clone(),
+                    user: server.owner.clone(),
+                    server: server.name.clone(),
+                    device: d.clone(),
+                    kind: if d.starts_with("MIG-") { "mig" } else { "gpu" }.into(),
+                    model: f.as_ref().map(|f| f.model.clone()).unwrap_or_default(),
+                    profile: f
+                        .as_ref()
+                        .and_then(|f| f.profile.clone())
+                        .unwrap_or_default(),
+                    node: server.node.clone().unwrap_or_default(),
+                    weight: f.map_or(1.0, |f| f.weight),
+                    start_ms: now,
+                }
+            })
+            .collect();
+        if let Err(e) = self.repo.open_usage(intervals).await {
+            tracing::error!(error = %e, server = %server.name, "could not record usage");
+        }
+    }
+
+    /// The server with id `server_id` gave its devices back now.
+    pub async fn closed(&self, server_id: &str) {
+        if let Err(e) = self.repo.close_usage(server_id, now_ms(), false).await {
+            tracing::error!(error = %e, "could not close usage");
+        }
+    }
+
+    /// At start: closes the intervals of servers that no longer hold devices (they
+    /// ended while the aggregator was down) at the last moment it was known alive,
+    /// marked recovered. Returns how many servers' intervals it closed.
+    pub async fn recover(&self, holding: &[Server]) -> Result<usize> {
+        let live: HashSet<&str> = holding
+            .iter()
+            .filter(|s| s.status.holds_devices())
+            .map(|s| s.id.as_str())
+            .collect();
+        let at = self.repo.last_alive().await?.unwrap_or_else(now_ms);
+        let mut closed = 0;
+        for id in self.repo.open_usage_servers().await? {
+            if !live.contains(id.as_str()) {
+                self.repo.close_usage(&id, at, true).await?;
+                closed += 1;
+            }
+        }
+        if closed > 0 {
+            tracing::warn!(
+                servers = closed,
+                "closed usage of servers that ended while the aggregator was down, at its last known time alive"
+            );
+        }
+        self.repo.mark_alive(now_ms()).await?;
+        Ok(closed)
+    }
+
+    /// Records that the aggregator is alive (every few seconds).
+    pub async fn alive(&self) {
+        if let Err(e) = self.repo.mark_alive(now_ms()).await {
+            tracing::warn!(error = %e, "could not record the time alive");
+        }
+    }
+
+    /// Normalized GPU-hours from day `from` to day `to` (inclusive dates or times,
+    /// default: this month so far), grouped: a user's own; admins' everyone's, or one
+    /// user's with `user`.
+    pub async fn report(
+        &self,
+        caller: &Caller,
+        from: Option<&str>,
+        to: Option<&str>,
+        group_by: GroupBy,
+        user: Option<String>,
+    ) -> Result<Vec<UsageRow>> {
+        let now = now_ms();
+        let today = day_of(now);
+        let from = match from {
+            Some(s) => parse_day("from", s)?,
+            None => month_start(today),
+        };
+        // `to` names the last day included.
+        let to = match to {
+            Some(s) => parse_day("to", s)? + 1,
+            None => today + 1,
+        };
+        if to <= from || to - from > MAX_REPORT_DAYS {
+            return Err(Error::BadRequest(format!(
+                "to: after from, at most {MAX_REPORT_DAYS} days later"
+            )));
+        }
+        let user = match (caller.is_admin(), user) {
+            (true, u) => u,
+            (false, Some(u)) if u != caller.name => {
+                return Err(Error::NotFound(format!("no user {u:?}")));
+            }
+            (false, _) => Some(caller.name.clone()),
+        };
+        if let Some(u) = &user {
+            validate_user_name(u)?;
+        }
+        self.repo.usage(from, to, group_by, user, now).await
+    }
+}
+
+/// The first day of the UTC month holding `day`.
+fn month_start(day: u64) -> u64 {
+    let name = kcloud_core::usage::day_name(day);
+    parse_day("month", &format!("{}-01", &name[..7])).unwrap_or(day)
+}
