@@ -289,6 +289,17 @@ try {
   await page.locator('.timeline .bar.reserved.mine').first().waitFor();
   await shot('reservation');
 
+  // 13. Usage: the hog and the waiter held GPUs this month: the page says how many
+  // GPU-hours, with a chart, and the CSV link answers CSV.
+  await page.locator('#nav').getByRole('link', { name: 'Usage' }).click();
+  await page.locator('.usage-total', { hasText: 'This month' }).waitFor();
+  const total = await page.locator('.usage-total').textContent();
+  check(!/This month: 0\.00 /.test(total), `some GPU-hours this month: ${total}`);
+  check(await page.locator('figure.chart').count() === 1, 'a chart of GPU-hours per day');
+  const csv = await page.evaluate(async () => (await fetch(document.querySelector('a[download]').href)).text());
+  check(csv.startsWith('key,gpu_hours,recovered'), `CSV from the link: ${csv.slice(0, 40)}`);
+  await shot('usage');
+
   check(consoleErrors.length === 0, `no console errors: ${consoleErrors.join(' | ')}`);
   console.log('PORTAL OK');
 } catch (e) {

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use crate::queue::{QueueEntry, UsageScore};
 use crate::reservation::Reservation;
 use crate::server::{Server, ServerEvent};
-use crate::usage::{GroupBy, UsageInterval, UsageRow};
+use crate::usage::{GroupBy, UsageInterval, UsageRow, UsageTotal};
 use crate::user::{AuditEntry, NewUser, RefreshRow, RefreshUse, User, UserPatch, UserRecord};
 use crate::volume::VolumeRow;
 use crate::{Error, Result};
@@ -154,6 +154,8 @@ pub trait UsageRepo: Send + Sync {
     async fn close_usage(&self, server_id: &str, end_ms: u64, recovered: bool) -> Result<usize>;
     /// Servers with open intervals.
     async fn open_usage_servers(&self) -> Result<Vec<String>>;
+    /// All-time totals by (user, model, profile), open intervals up to `now_ms`.
+    async fn usage_totals(&self, now_ms: u64) -> Result<Vec<UsageTotal>>;
     /// Records that the aggregator was alive at `at_ms`.
     async fn mark_alive(&self, at_ms: u64) -> Result<()>;
     async fn last_alive(&self) -> Result<Option<u64>>;

@@ -66,6 +66,17 @@ pub struct UsageRow {
     pub recovered: bool,
 }
 
+/// All-time normalized GPU-hours of one (user, model, profile), open intervals up to
+/// now included: what the aggregator's Prometheus counter shows.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UsageTotal {
+    pub user: String,
+    pub model: String,
+    /// Empty for whole GPUs.
+    pub profile: String,
+    pub gpu_hours: f64,
+}
+
 /// The UTC day (days since 1970-01-01) of `ms`.
 pub fn day_of(ms: u64) -> u64 {
     ms / DAY_MS

@@ -1,6 +1,6 @@
 //! The aggregator's Prometheus registry: requests by route, logins, inventory pushes,
-//! node freshness, and `kcloud_gpu_allocated{UUID,user,server}` for joining with the
-//! agents' DCGM series in Grafana.
+//! node freshness, `kcloud_gpu_allocated{UUID,user,server}` for joining with the
+//! agents' DCGM series in Grafana, and `kcloud_gpu_hours_total{user,model,profile}`.
 
 use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
@@ -14,6 +14,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use kcloud_cluster::Cluster;
+use kcloud_core::usage::UsageTotal;
 
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -41,6 +42,13 @@ struct StateLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UsageLabels {
+    user: String,
+    model: String,
+    profile: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 #[allow(non_snake_case)]
 struct AllocationLabels {
     UUID: String,
@@ -61,6 +69,7 @@ pub struct Metrics {
     devices_held: Gauge,
     oldest_inventory: Gauge<f64, AtomicU64>,
     allocated: Family<AllocationLabels, Gauge>,
+    gpu_hours: Family<UsageLabels, Counter<f64, AtomicU64>>,
 }
 
 impl Default for Metrics {
@@ -85,6 +94,7 @@ impl Metrics {
             devices_held: Gauge::default(),
             oldest_inventory: Gauge::default(),
             allocated: Family::default(),
+            gpu_hours: Family::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -132,6 +142,13 @@ impl Metrics {
             "1 for each device held by a server; join with DCGM series on UUID.",
             m.allocated.clone(),
         );
+        r.register(
+            "kcloud_gpu_hours",
+            "Normalized GPU-hours used (a whole GPU counts 1 per hour, a MIG instance its \
+             compute slices over its GPU's), by user, model and MIG profile (empty for whole \
+             GPUs); running servers counted up to the scrape.",
+            m.gpu_hours.clone(),
+        );
         m
     }
 
@@ -161,7 +178,7 @@ impl Metrics {
     }
 
     /// Refreshes the scrape-time series from the inventory and ledger, then encodes.
-    pub fn render(&self, cluster: &Cluster, now_ms: u64) -> String {
+    pub fn render(&self, cluster: &Cluster, usage: &[UsageTotal], now_ms: u64) -> String {
         let _guard = self.render.lock().unwrap_or_else(|e| e.into_inner());
         let counts = cluster.counts(now_ms);
         self.nodes
@@ -184,6 +201,18 @@ impl Metrics {
                     server: holder.server,
                 })
                 .set(1);
+        }
+        // Counters only move forward: each takes the difference to the store's total.
+        for t in usage {
+            let c = self.gpu_hours.get_or_create(&UsageLabels {
+                user: t.user.clone(),
+                model: t.model.clone(),
+                profile: t.profile.clone(),
+            });
+            let now = c.get();
+            if t.gpu_hours > now {
+                c.inc_by(t.gpu_hours - now);
+            }
         }
         let mut out = String::with_capacity(16 * 1024);
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

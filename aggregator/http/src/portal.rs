@@ -51,6 +51,7 @@ static ASSETS: &[Asset] = &[
     asset!("/ui/servers.js", "servers.js", JS),
     asset!("/ui/storage.js", "storage.js", JS),
     asset!("/ui/reservations.js", "reservations.js", JS),
+    asset!("/ui/usage.js", "usage.js", JS),
     asset!("/ui/admin.js", "admin.js", JS),
     asset!("/ui/favicon.svg", "favicon.svg", "image/svg+xml"),
 ];

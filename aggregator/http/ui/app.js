@@ -77,6 +77,7 @@ const pages = {
   servers: () => serversPage(ctx),
   storage: async () => (await import('./storage.js')).storagePage(ctx),
   reservations: async () => (await import('./reservations.js')).reservationsPage(ctx),
+  usage: async () => (await import('./usage.js')).usagePage(ctx),
   admin: async () => {
     if (ctx.me.user.role !== 'admin') {
       return h('div', { class: 'denied' }, h('h2', {}, 'Not allowed'), h('p', {}, 'The admin pages are for administrators.'));

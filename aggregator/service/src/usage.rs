@@ -8,7 +8,7 @@ use kcloud_cluster::Cluster;
 use kcloud_core::caller::Caller;
 use kcloud_core::repo::Repository;
 use kcloud_core::server::Server;
-use kcloud_core::usage::{GroupBy, UsageInterval, UsageRow, day_of, parse_day};
+use kcloud_core::usage::{GroupBy, UsageInterval, UsageRow, UsageTotal, day_of, parse_day};
 use kcloud_core::validate::validate_user_name;
 use kcloud_core::{Error, Result, now_ms};
 
@@ -91,6 +91,11 @@ impl UsageLedger {
         }
         self.repo.mark_alive(now_ms()).await?;
         Ok(closed)
+    }
+
+    /// All-time totals for the Prometheus counter.
+    pub async fn totals(&self) -> Result<Vec<UsageTotal>> {
+        self.repo.usage_totals(now_ms()).await
     }
 
     /// Records that the aggregator is alive (every few seconds).

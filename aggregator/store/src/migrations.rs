@@ -186,6 +186,11 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         day INTEGER NOT NULL, model TEXT NOT NULL, gpu_hours REAL NOT NULL,
         recovered INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (day, model)
     ) STRICT, WITHOUT ROWID;
+    -- All-time totals by (user, model, profile): the Prometheus counter.
+    CREATE TABLE usage_totals (
+        user_name TEXT NOT NULL, model TEXT NOT NULL, profile TEXT NOT NULL,
+        gpu_hours REAL NOT NULL, PRIMARY KEY (user_name, model, profile)
+    ) STRICT, WITHOUT ROWID;
     CREATE TABLE usage_by_node (
         day INTEGER NOT NULL, node TEXT NOT NULL, gpu_hours REAL NOT NULL,
         recovered INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (day, node)

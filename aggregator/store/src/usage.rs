@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use rusqlite::{OptionalExtension, TransactionBehavior, params};
 
 use kcloud_core::repo::UsageRepo;
-use kcloud_core::usage::{GroupBy, UsageInterval, UsageRow, day_name, split_days};
+use kcloud_core::usage::{GroupBy, UsageInterval, UsageRow, UsageTotal, day_name, split_days};
 
 use crate::{Store, get_u64, to_i64};
 
@@ -41,6 +41,11 @@ pub(crate) fn add_day(
         ))?
         .execute(params![day, key, gpu_hours, recovered])?;
     }
+    tx.prepare_cached(
+        "INSERT INTO usage_totals (user_name, model, profile, gpu_hours) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT(user_name, model, profile) DO UPDATE SET gpu_hours = gpu_hours + excluded.gpu_hours",
+    )?
+    .execute(params![user, model, profile, gpu_hours])?;
     Ok(())
 }
 
@@ -117,6 +122,45 @@ impl UsageRepo for Store {
             tx.execute("DELETE FROM usage_open WHERE server_id = ?1", [&server_id])?;
             tx.commit()?;
             Ok(rows.len())
+        })
+        .await
+    }
+
+    async fn usage_totals(&self, now_ms: u64) -> kcloud_core::Result<Vec<UsageTotal>> {
+        self.call(move |conn| {
+            let mut out: BTreeMap<(String, String, String), f64> = BTreeMap::new();
+            let mut stmt = conn
+                .prepare_cached("SELECT user_name, model, profile, gpu_hours FROM usage_totals")?;
+            let rows = stmt.query_map([], |r| {
+                Ok(((r.get(0)?, r.get(1)?, r.get(2)?), r.get::<_, f64>(3)?))
+            })?;
+            for r in rows {
+                let (k, h) = r?;
+                *out.entry(k).or_default() += h;
+            }
+            let mut stmt = conn.prepare_cached(
+                "SELECT user_name, model, profile, weight, start_ms FROM usage_open",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    (r.get(0)?, r.get(1)?, r.get(2)?),
+                    r.get::<_, f64>(3)?,
+                    get_u64(r, 4)?,
+                ))
+            })?;
+            for r in rows {
+                let (k, w, start) = r?;
+                *out.entry(k).or_default() += w * now_ms.saturating_sub(start) as f64 / 3.6e6;
+            }
+            Ok(out
+                .into_iter()
+                .map(|((user, model, profile), gpu_hours)| UsageTotal {
+                    user,
+                    model,
+                    profile,
+                    gpu_hours,
+                })
+                .collect())
         })
         .await
     }

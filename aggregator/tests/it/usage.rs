@@ -237,6 +237,48 @@ async fn gpu_hours_are_recorded_normalized_grouped_and_private() {
         "{text}"
     );
 
+    // `format=csv` (a link in a browser) too.
+    let resp = app
+        .client
+        .get(format!(
+            "{}/api/v1/usage?group_by=model&format=csv",
+            app.base
+        ))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        resp.text()
+            .await
+            .unwrap()
+            .starts_with("key,gpu_hours,recovered\r\nNVIDIA A100")
+    );
+
+    // The Prometheus counter, by user, model and profile.
+    let metrics = app
+        .client
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |labels: &str| -> f64 {
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with(&format!("kcloud_gpu_hours_total{{{labels}}}")))
+            .unwrap_or_else(|| panic!("no series {labels} in\n{metrics}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let ma = value("user=\"alice\",model=\"NVIDIA A100-SXM4-80GB\",profile=\"\"");
+    let mb = value("user=\"bob\",model=\"NVIDIA A100-SXM4-80GB\",profile=\"3g.40gb\"");
+    assert!(
+        (ma - a).abs() < 1e-9 && (mb - b).abs() < 1e-9,
+        "{ma} {mb} vs {a} {b}"
+    );
+
     // Bad input: 400 with the error shape.
     for q in [
         "group_by=team",

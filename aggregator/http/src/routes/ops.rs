@@ -49,7 +49,15 @@ async fn readyz(State(s): State<AppState>) -> Response {
 /// Prometheus metrics (OpenMetrics text).
 #[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, body = String)))]
 async fn metrics(State(s): State<AppState>) -> Response {
-    let body = s.metrics.render(&s.cluster, kcloud_core::now_ms());
+    // A failed read leaves the usage counters where they were (they never go back).
+    let usage = match s.servers.usage().totals().await {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(error = %e, "usage totals unavailable for /metrics");
+            Vec::new()
+        }
+    };
+    let body = s.metrics.render(&s.cluster, &usage, kcloud_core::now_ms());
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response()
 }
 

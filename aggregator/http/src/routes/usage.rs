@@ -31,6 +31,16 @@ pub struct UsageQuery {
     pub group_by: Option<GroupBy>,
     /// Admins: one user's usage.
     pub user: Option<String>,
+    /// `csv` for CSV whatever `Accept` says (a link in a browser); default JSON, or
+    /// CSV with `Accept: text/csv`.
+    pub format: Option<Format>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Json,
+    Csv,
 }
 
 /// Normalized GPU-hours (a whole GPU counts 1 per hour, a MIG instance its compute
@@ -46,6 +56,7 @@ async fn usage(
     headers: HeaderMap,
     ApiQuery(q): ApiQuery<UsageQuery>,
 ) -> Result<Response, ApiError> {
+    let format = q.format;
     let rows = s
         .servers
         .usage()
@@ -57,10 +68,13 @@ async fn usage(
             q.user,
         )
         .await?;
-    let csv = headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("text/csv"));
+    let csv = match format {
+        Some(f) => f == Format::Csv,
+        None => headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("text/csv")),
+    };
     if !csv {
         return Ok(Json(rows).into_response());
     }
@@ -73,7 +87,17 @@ async fn usage(
             r.recovered
         ));
     }
-    Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], out).into_response())
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/csv; charset=utf-8"),
+            (
+                header::CONTENT_DISPOSITION,
+                "attachment; filename=\"kcloud-usage.csv\"",
+            ),
+        ],
+        out,
+    )
+        .into_response())
 }
 
 /// RFC 4180 quoting, and no formula injection when opened in a spreadsheet.
