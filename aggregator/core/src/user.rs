@@ -53,6 +53,10 @@ pub struct Quota {
     /// Sum of the sizes of the user's volumes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_bytes: Option<u64>,
+    /// Normalized GPU-hours per calendar month (UTC): a create that needs devices is
+    /// refused (429) once they are used up; running servers keep running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_hours_per_month: Option<u32>,
 }
 
 /// A user as the API shows it (never the password hash).
@@ -174,6 +178,8 @@ pub struct DefaultQuota {
     pub memory_bytes: Option<u64>,
     /// Sum of the sizes of a user's volumes.
     pub storage_bytes: Option<u64>,
+    /// Normalized GPU-hours per calendar month (UTC); unlimited by default.
+    pub gpu_hours_per_month: Option<u32>,
 }
 
 impl Default for DefaultQuota {
@@ -184,6 +190,7 @@ impl Default for DefaultQuota {
             cpu_millis: Some(32_000),
             memory_bytes: Some(256 << 30),
             storage_bytes: Some(100 << 30),
+            gpu_hours_per_month: None,
         }
     }
 }
@@ -207,6 +214,7 @@ impl Quota {
             cpu_millis: self.cpu_millis.or(defaults.cpu_millis),
             memory_bytes: self.memory_bytes.or(defaults.memory_bytes),
             storage_bytes: self.storage_bytes.or(defaults.storage_bytes),
+            gpu_hours_per_month: self.gpu_hours_per_month.or(defaults.gpu_hours_per_month),
         }
     }
 

@@ -93,6 +93,24 @@ impl UsageLedger {
         Ok(closed)
     }
 
+    /// `user`'s normalized GPU-hours this calendar month (UTC), running servers up to
+    /// now.
+    pub async fn this_month(&self, user: &str) -> Result<f64> {
+        let now = now_ms();
+        let today = day_of(now);
+        let rows = self
+            .repo
+            .usage(
+                month_start(today),
+                today + 1,
+                GroupBy::User,
+                Some(user.to_owned()),
+                now,
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.gpu_hours).sum())
+    }
+
     /// All-time totals for the Prometheus counter.
     pub async fn totals(&self) -> Result<Vec<UsageTotal>> {
         self.repo.usage_totals(now_ms()).await

@@ -195,6 +195,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         day INTEGER NOT NULL, node TEXT NOT NULL, gpu_hours REAL NOT NULL,
         recovered INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (day, node)
     ) STRICT, WITHOUT ROWID;
+    ALTER TABLE users ADD COLUMN quota_gpu_hours_per_month INTEGER
+        CHECK (quota_gpu_hours_per_month >= 0);
     CREATE TABLE alive (
         id    INTEGER PRIMARY KEY CHECK (id = 1),
         at_ms INTEGER NOT NULL

@@ -21,8 +21,8 @@ impl UserRepo for Store {
             let inserted = conn.execute(
                 "INSERT INTO users (name, password_hash, role, disabled, quota_gpus,
                     quota_servers, quota_cpu_millis, quota_memory_bytes, created_at_ms,
-                    updated_at_ms, quota_storage_bytes)
-                 VALUES (?1, ?2, ?3, 0, ?4, ?5, ?6, ?7, ?8, ?8, ?9)
+                    updated_at_ms, quota_storage_bytes, quota_gpu_hours_per_month)
+                 VALUES (?1, ?2, ?3, 0, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10)
                  ON CONFLICT(name) DO NOTHING",
                 params![
                     new.name,
@@ -33,7 +33,8 @@ impl UserRepo for Store {
                     quota.cpu_millis,
                     quota.memory_bytes,
                     now,
-                    quota.storage_bytes
+                    quota.storage_bytes,
+                    quota.gpu_hours_per_month
                 ],
             )?;
             if inserted == 0 {
@@ -94,14 +95,15 @@ impl UserRepo for Store {
                 tx.execute(
                     "UPDATE users SET quota_gpus = ?2, quota_servers = ?3,
                         quota_cpu_millis = ?4, quota_memory_bytes = ?5,
-                        quota_storage_bytes = ?6 WHERE name = ?1",
+                        quota_storage_bytes = ?6, quota_gpu_hours_per_month = ?7 WHERE name = ?1",
                     params![
                         name,
                         q.gpus,
                         q.servers,
                         q.cpu_millis,
                         q.memory_bytes,
-                        q.storage_bytes
+                        q.storage_bytes,
+                        q.gpu_hours_per_month
                     ],
                 )?;
             }
@@ -159,8 +161,8 @@ impl UserRepo for Store {
 }
 
 pub(crate) const USER_SELECT: &str = "SELECT name, role, disabled, quota_gpus, quota_servers, \
-    quota_cpu_millis, quota_memory_bytes, created_at_ms, password_hash, quota_storage_bytes \
-    FROM users";
+    quota_cpu_millis, quota_memory_bytes, created_at_ms, password_hash, quota_storage_bytes, \
+    quota_gpu_hours_per_month FROM users";
 
 pub(crate) fn get_user(conn: &Connection, name: &str) -> Result<Option<UserRecord>> {
     let mut stmt = conn.prepare_cached(&format!("{USER_SELECT} WHERE name = ?1"))?;
@@ -187,6 +189,7 @@ pub(crate) fn user_from_row(r: &Row<'_>) -> rusqlite::Result<UserRecord> {
                 cpu_millis: get_opt_u64(r, 5)?,
                 memory_bytes: get_opt_u64(r, 6)?,
                 storage_bytes: get_opt_u64(r, 9)?,
+                gpu_hours_per_month: r.get(10)?,
             },
             created_at_ms: get_u64(r, 7)?,
         },
@@ -201,6 +204,7 @@ struct QuotaRow {
     cpu_millis: Option<i64>,
     memory_bytes: Option<i64>,
     storage_bytes: Option<i64>,
+    gpu_hours_per_month: Option<u32>,
 }
 
 impl QuotaRow {
@@ -218,6 +222,7 @@ impl QuotaRow {
             cpu_millis: big(q.cpu_millis, "cpu_millis")?,
             memory_bytes: big(q.memory_bytes, "memory_bytes")?,
             storage_bytes: big(q.storage_bytes, "storage_bytes")?,
+            gpu_hours_per_month: q.gpu_hours_per_month,
         })
     }
 }

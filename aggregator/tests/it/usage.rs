@@ -298,6 +298,45 @@ async fn gpu_hours_are_recorded_normalized_grouped_and_private() {
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{q}: {:?}", r.body);
         assert!(r.body["error"]["message"].is_string());
     }
+
+    // A monthly GPU-hour quota: used up (0 here), a create that needs devices is 429;
+    // one without devices is not.
+    let r = app
+        .call(
+            Method::PATCH,
+            "/api/v1/users/alice",
+            Some(&admin),
+            Some(json!({"quota": {"gpu_hours_per_month": 0}})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.body["quota"]["gpu_hours_per_month"], 0);
+    let r = app
+        .call(
+            Method::POST,
+            "/api/v1/users/alice/servers",
+            Some(&alice),
+            Some(sleeper("more", json!([gpu]))),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{:?}", r.body);
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("GPU-hour quota used up"),
+        "{:?}",
+        r.body
+    );
+    let r = app
+        .call(
+            Method::POST,
+            "/api/v1/users/alice/servers",
+            Some(&alice),
+            Some(sleeper("cpu-only", json!([]))),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -384,6 +384,16 @@ impl Servers {
             .volumes
             .resolve_mounts(user, owner.role, plan.mounts.clone(), &mine)
             .await?;
+        if let (Some(max), Some(_)) = (quota.gpu_hours_per_month, &plan.devices) {
+            let used = self.usage.this_month(user).await?;
+            if used >= f64::from(max) {
+                return Err(Error::QuotaExceeded(format!(
+                    "GPU-hour quota used up: {user} used {used:.1} of {max} GPU-hours this month \
+                     (servers that run keep running; it renews on the 1st, UTC)"
+                ))
+                .into());
+            }
+        }
         let holder = Holder::new(user, &plan.name);
         let now = now_ms();
         let (claim, booked) = match claimed {
