@@ -191,6 +191,22 @@ impl Calendar {
         out
     }
 
+    /// Drops reservations that ended before `before_ms` from memory (the store keeps
+    /// them): the walks of claims and views stay proportional to what is current.
+    pub fn forget_ended(&self, before_ms: u64) -> usize {
+        let mut st = self.state();
+        let old: Vec<String> = st
+            .by_id
+            .values()
+            .filter(|r| r.end_ms < before_ms)
+            .map(|r| r.id.clone())
+            .collect();
+        for id in &old {
+            st.remove(id);
+        }
+        old.len()
+    }
+
     /// All reservations, by start.
     pub fn all(&self) -> Vec<Arc<Reservation>> {
         self.between(0, u64::MAX)

@@ -127,7 +127,7 @@ pub fn week_start(t: u64) -> u64 {
     const DAY: u64 = 86_400_000;
     // 1970-01-01 was a Thursday: day 0 is 3 days after a Monday.
     let day = t / DAY;
-    (day - (day + 3) % 7) * DAY
+    day.saturating_sub((day + 3) % 7) * DAY
 }
 
 #[cfg(test)]

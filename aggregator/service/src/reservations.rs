@@ -123,9 +123,17 @@ impl Reservations {
         }
     }
 
-    /// Loads the stored reservations into the calendar (at start).
+    /// Loads the stored reservations into the calendar (at start); those that ended
+    /// more than a week ago stay in the store only.
     pub async fn recover(&self) -> Result<usize> {
-        let all = self.repo.reservations().await?;
+        let week_ago = now_ms().saturating_sub(7 * 86_400_000);
+        let all: Vec<_> = self
+            .repo
+            .reservations()
+            .await?
+            .into_iter()
+            .filter(|r| r.end_ms >= week_ago)
+            .collect();
         let n = all.len();
         self.cluster.calendar().load(all);
         Ok(n)

@@ -124,6 +124,7 @@ async fn requests_wait_in_fair_order_with_backfill_and_start_when_devices_free()
     // Without `wait`: 409 as before, saying how to wait.
     let r = create(&app, &bob, "bob", sleeper("now", gpus(1))).await;
     assert_error(&r, StatusCode::CONFLICT, "free");
+    assert_error(&r, StatusCode::CONFLICT, "to wait in the queue");
     // What can never fit is refused at once, with or without `wait`.
     let r = create(&app, &bob, "bob", sleeper("huge", waiting(9))).await;
     assert_error(&r, StatusCode::BAD_REQUEST, "never");

@@ -331,7 +331,12 @@ impl Servers {
             let (Some(wait_ms), Some(devices), None) =
                 (plan.wait_ms, &plan.devices, &plan.reservation)
             else {
-                return Err(why);
+                return Err(match (why, plan.wait_ms, &plan.reservation) {
+                    (Error::Conflict(m), None, None) => Error::Conflict(format!(
+                        "{m}; to wait in the queue for it, add \"wait\": {{\"max\": \"4h\"}}"
+                    )),
+                    (e, _, _) => e,
+                });
             };
             self.cluster.could_ever_fit(devices)?;
             self.enqueue(caller, client, user, &plan, body, wait_ms)
@@ -344,7 +349,13 @@ impl Servers {
             None => self
                 .queued_server(user, &plan.name)
                 .map(Created::Queued)
-                .ok_or_else(|| Error::Internal("the queued request vanished".into())),
+                .ok_or_else(|| {
+                    Error::Conflict(
+                        "the request left the queue at once: it can no longer start as asked \
+                         (the audit log says why)"
+                            .into(),
+                    )
+                }),
         }
     }
 
@@ -384,7 +395,8 @@ impl Servers {
             .volumes
             .resolve_mounts(user, owner.role, plan.mounts.clone(), &mine)
             .await?;
-        if let (Some(max), Some(_)) = (quota.gpu_hours_per_month, &plan.devices) {
+        let needs_devices = plan.devices.is_some() || plan.reservation.is_some();
+        if let (Some(max), true) = (quota.gpu_hours_per_month, needs_devices) {
             let used = self.usage.this_month(user).await?;
             if used >= f64::from(max) {
                 return Err(Error::QuotaExceeded(format!(

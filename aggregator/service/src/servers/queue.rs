@@ -331,6 +331,13 @@ impl Servers {
                 return 0;
             }
         };
+        // Servers that ended by themselves added their hours in the store only.
+        match self.repo.usage_scores().await {
+            Ok(scores) => self.queue.state().scores = scores.into_iter().collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "fair-share scores unavailable; using the last ones")
+            }
+        }
         let half = millis(self.settings.queue.half_life);
         let (ids, waiting) = {
             let mut st = self.queue.state();
@@ -434,6 +441,10 @@ impl Servers {
                 }
                 Err(e) => {
                     self.cluster.ledger().abort(claim_id);
+                    // Cancelled meanwhile: nothing to drop.
+                    if !self.queue.has(&stored.owner, &stored.name) {
+                        continue;
+                    }
                     if matches!(e, Error::QuotaExceeded(_)) {
                         let mut st = self.queue.state();
                         if let Some(x) = st.entries.iter_mut().find(|x| x.stored.id == stored.id) {
@@ -472,6 +483,13 @@ impl Servers {
         claim: kcloud_cluster::ledger::Claim,
     ) -> Result<Server> {
         let _serial = self.locks.lock(&stored.owner).await;
+        // Deleted (cancelled) since the round decided: nothing to start.
+        if !self.queue.has(&stored.owner, &stored.name) {
+            return Err(Error::NotFound(format!(
+                "{}/{} left the queue",
+                stored.owner, stored.name
+            )));
+        }
         let owner = self.repo.existing_user(&stored.owner).await?;
         if owner.disabled {
             return Err(Error::Conflict(format!(

@@ -340,6 +340,10 @@ impl Servers {
             let now = now_ms();
             if full {
                 self.usage.alive().await;
+                // Ended a week ago: history for the store, not for every claim.
+                self.cluster
+                    .calendar()
+                    .forget_ended(now.saturating_sub(7 * 86_400_000));
                 match reservations.release_no_shows(now).await {
                     Ok(gone) => {
                         for r in gone {
