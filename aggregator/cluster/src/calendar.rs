@@ -211,14 +211,6 @@ impl Calendar {
     pub fn all(&self) -> Vec<Arc<Reservation>> {
         self.between(0, u64::MAX)
     }
-
-    pub fn len(&self) -> usize {
-        self.state().by_id.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 impl State {

@@ -469,6 +469,15 @@ impl InvState {
         self.models.id(model)
     }
 
+    /// A request's model as a filter: `Some(None)` for any model, `Some(Some(id))` for
+    /// a known one, `None` for a model no node has.
+    pub(crate) fn model_filter(&self, model: Option<&str>) -> Option<Option<u32>> {
+        match model {
+            Some(m) => self.model_id(m).map(Some),
+            None => Some(None),
+        }
+    }
+
     pub(crate) fn profile_id(&self, profile: &str) -> Option<u32> {
         self.profiles.id(profile)
     }

@@ -41,14 +41,6 @@ impl KnownEnds {
         self.by_device.contains_key(uuid)
     }
 
-    pub fn len(&self) -> usize {
-        self.by_device.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_device.is_empty()
-    }
-
     fn nodes(&self) -> impl Iterator<Item = &str> {
         self.by_node.keys().map(String::as_str)
     }
@@ -81,17 +73,16 @@ impl Cluster {
                 Ok(())
             }
             DeviceRequest::Gpus { count, model } => {
-                let mid = model.as_deref().map(|m| inv.model_id(m));
-                if let Some(None) = mid {
+                let Some(mid) = inv.model_filter(model.as_deref()) else {
                     return Err(Error::BadRequest(format!(
                         "no node has GPUs of model {:?}",
                         model.as_deref().unwrap_or_default()
                     )));
-                }
+                };
                 let most = inv
                     .node_names()
                     .flat_map(|n| st.node_counts(n).iter())
-                    .filter(|c| !c.class.mig && mid.is_none_or(|m| Some(c.class.model) == m))
+                    .filter(|c| !c.class.mig && mid.is_none_or(|m| c.class.model == m))
                     .map(|c| c.total)
                     .max()
                     .unwrap_or(0);
@@ -109,17 +100,16 @@ impl Cluster {
                 Ok(())
             }
             DeviceRequest::Mig { profile, model } => {
-                let pid = inv.profile_id(profile);
-                let mid = model.as_deref().map(|m| inv.model_id(m));
-                let any = pid.is_some()
-                    && !matches!(mid, Some(None))
-                    && inv.node_names().any(|n| {
+                let any = match (inv.profile_id(profile), inv.model_filter(model.as_deref())) {
+                    (Some(pid), Some(mid)) => inv.node_names().any(|n| {
                         st.node_counts(n).iter().any(|c| {
                             c.class.mig
-                                && Some(c.class.profile) == pid
-                                && mid.is_none_or(|m| Some(c.class.model) == m)
+                                && c.class.profile == pid
+                                && mid.is_none_or(|m| c.class.model == m)
                         })
-                    });
+                    }),
+                    _ => false,
+                };
                 if !any {
                     return Err(Error::BadRequest(format!(
                         "no node has MIG instances of profile {profile}{}: this request can \
@@ -174,10 +164,7 @@ impl Cluster {
                 })
             }
             DeviceRequest::Gpus { count, model } => {
-                let mid = match model {
-                    Some(m) => Some(inv.model_id(m)?),
-                    None => None,
-                };
+                let mid = inv.model_filter(model.as_deref())?;
                 best_node(
                     &inv,
                     known_ends,
@@ -190,10 +177,7 @@ impl Cluster {
             }
             DeviceRequest::Mig { profile, model } => {
                 let pid = inv.profile_id(profile)?;
-                let mid = match model {
-                    Some(m) => Some(inv.model_id(m)?),
-                    None => None,
-                };
+                let mid = inv.model_filter(model.as_deref())?;
                 best_node(
                     &inv,
                     known_ends,
@@ -340,10 +324,7 @@ impl Cluster {
             DeviceRequest::Mig { profile, model } => (1, false, model.as_deref(), Some(&**profile)),
         };
         let inv = self.inventory().read();
-        let mid = match model {
-            Some(m) => Some(inv.model_id(m)?),
-            None => None,
-        };
+        let mid = inv.model_filter(model)?;
         let pid = match profile {
             Some(p) => Some(inv.profile_id(p)?),
             None => None,

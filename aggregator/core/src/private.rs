@@ -22,6 +22,15 @@ pub fn random_token() -> String {
     URL_SAFE_NO_PAD.encode(bytes)
 }
 
+/// `{prefix}-` and 16 random hex digits: ids of records users name in paths
+/// (reservations `r-…`, queue entries `q-…`).
+pub fn random_id(prefix: &str) -> String {
+    let mut b = [0u8; 8];
+    rand::rng().fill_bytes(&mut b);
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("{prefix}-{hex}")
+}
+
 /// Fills `buf` from the OS random number generator.
 pub fn os_random(buf: &mut [u8]) -> Result<()> {
     OsRng

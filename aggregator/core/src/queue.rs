@@ -27,10 +27,7 @@ pub struct QueueEntry {
 
 /// A fresh queue entry id.
 pub fn new_queue_id() -> String {
-    let mut b = [0u8; 8];
-    rand::RngCore::fill_bytes(&mut rand::rng(), &mut b);
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("q-{hex}")
+    crate::private::random_id("q")
 }
 
 /// A user's decayed GPU-hours as of `at_ms`.

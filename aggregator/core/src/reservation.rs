@@ -49,18 +49,12 @@ impl Reservation {
 
 /// A fresh reservation id.
 pub fn new_reservation_id() -> String {
-    let mut b = [0u8; 8];
-    rand::RngCore::fill_bytes(&mut rand::rng(), &mut b);
-    format!("r-{}", hex(&b))
+    crate::private::random_id("r")
 }
 
 /// Whether `id` could be a reservation id (so a path segment is checked before use).
 pub fn valid_reservation_id(id: &str) -> bool {
     id.len() == 18 && id.starts_with("r-") && id[2..].bytes().all(|c| c.is_ascii_hexdigit())
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// An instant as users write it: RFC 3339 (`2026-12-03T14:00:00Z`, or with an offset).

@@ -366,6 +366,7 @@ impl Reservations {
             .between(week_start(start), week_start(end) + WEEK)
             .into_iter()
             .filter(|r| r.owner == owner && !r.maintenance)
+            .map(|r| (r.start_ms, r.end_ms, self.cluster.weight(&r.devices)))
             .collect();
         let weight = self.cluster.weight(devices);
         let mut week = week_start(start);
@@ -379,10 +380,7 @@ impl Reservations {
                     0.0
                 }
             };
-            let booked: f64 = mine
-                .iter()
-                .map(|r| hours(r.start_ms, r.end_ms, self.cluster.weight(&r.devices)))
-                .sum();
+            let booked: f64 = mine.iter().map(|&(s, e, w)| hours(s, e, w)).sum();
             let new = hours(start, end, weight);
             if booked + new > max + 1e-9 {
                 return Err(Error::QuotaExceeded(format!(
@@ -484,13 +482,5 @@ impl Reservations {
                 .await?;
         }
         Ok(gone)
-    }
-
-    /// Marks a reservation used, in memory and in the store.
-    pub async fn mark_used(&self, id: &str) -> Result<()> {
-        if self.cluster.calendar().mark_used(id) {
-            self.repo.mark_reservation_used(id).await?;
-        }
-        Ok(())
     }
 }

@@ -7,7 +7,7 @@ use kcloud_core::Error;
 use kcloud_core::queue::{QueueEntry, UsageScore};
 use kcloud_core::repo::QueueRepo;
 
-use crate::{Store, get_u64, to_i64};
+use crate::{Store, get_json, get_u64, to_i64};
 
 #[async_trait]
 impl QueueRepo for Store {
@@ -52,11 +52,7 @@ impl QueueRepo for Store {
                  FROM queue ORDER BY enqueued_at_ms, id",
             )?;
             let rows = stmt.query_map([], row)?;
-            let mut out = Vec::new();
-            for r in rows {
-                out.push(r??);
-            }
-            Ok(out)
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
         })
         .await
     }
@@ -118,25 +114,14 @@ impl QueueRepo for Store {
     }
 }
 
-fn row(r: &Row<'_>) -> rusqlite::Result<crate::Result<QueueEntry>> {
-    let id: String = r.get(0)?;
-    let request: String = r.get(3)?;
-    let request = match serde_json::from_str(&request) {
-        Ok(v) => v,
-        Err(e) => {
-            return Ok(Err(Error::Store(format!(
-                "queue entry {id}: unreadable request: {e}"
-            ))
-            .into()));
-        }
-    };
-    Ok(Ok(QueueEntry {
-        id,
+fn row(r: &Row<'_>) -> rusqlite::Result<QueueEntry> {
+    Ok(QueueEntry {
+        id: r.get(0)?,
         owner: r.get(1)?,
         name: r.get(2)?,
-        request,
+        request: get_json(r, 3)?,
         enqueued_at_ms: get_u64(r, 4)?,
         deadline_ms: get_u64(r, 5)?,
         created_by: r.get(6)?,
-    }))
+    })
 }

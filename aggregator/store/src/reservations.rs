@@ -3,11 +3,10 @@
 use async_trait::async_trait;
 use rusqlite::{Row, params};
 
-use kcloud_core::Error;
 use kcloud_core::repo::ReservationRepo;
 use kcloud_core::reservation::Reservation;
 
-use crate::{Store, get_u64, to_i64, to_json};
+use crate::{Store, get_json, get_u64, to_i64, to_json};
 
 #[async_trait]
 impl ReservationRepo for Store {
@@ -60,33 +59,18 @@ impl ReservationRepo for Store {
                  FROM reservations ORDER BY start_ms, id",
             )?;
             let rows = stmt.query_map([], row)?;
-            let mut out = Vec::new();
-            for r in rows {
-                out.push(r??);
-            }
-            Ok(out)
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
         })
         .await
     }
 }
 
-fn row(r: &Row<'_>) -> rusqlite::Result<crate::Result<Reservation>> {
-    let devices: String = r.get(3)?;
-    let id: String = r.get(0)?;
-    let devices = match serde_json::from_str(&devices) {
-        Ok(d) => d,
-        Err(e) => {
-            return Ok(Err(Error::Store(format!(
-                "reservation {id}: unreadable devices: {e}"
-            ))
-            .into()));
-        }
-    };
-    Ok(Ok(Reservation {
-        id,
+fn row(r: &Row<'_>) -> rusqlite::Result<Reservation> {
+    Ok(Reservation {
+        id: r.get(0)?,
         owner: r.get(1)?,
         node: r.get(2)?,
-        devices,
+        devices: get_json(r, 3)?,
         start_ms: get_u64(r, 4)?,
         end_ms: get_u64(r, 5)?,
         note: r.get(6)?,
@@ -94,5 +78,5 @@ fn row(r: &Row<'_>) -> rusqlite::Result<crate::Result<Reservation>> {
         created_at_ms: get_u64(r, 8)?,
         created_by: r.get(9)?,
         used: r.get(10)?,
-    }))
+    })
 }

@@ -7,7 +7,7 @@ use kcloud_core::Error;
 use kcloud_core::repo::{ServerRecord, ServerRepo};
 use kcloud_core::server::{Server, ServerEvent, ServerStatus};
 
-use crate::{Store, clip, get_opt_u64, get_u64, to_i64, to_json};
+use crate::{Store, clip, get_json, get_opt_u64, get_u64, to_i64, to_json};
 
 /// Events kept per server; older ones are dropped as new ones come.
 pub(crate) const SERVER_EVENTS_MAX: i64 = 200;
@@ -216,9 +216,6 @@ fn server_from_row(r: &Row<'_>) -> rusqlite::Result<ServerRecord> {
         rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e.into())
     };
     let status: String = r.get(3)?;
-    let devices: String = r.get(6)?;
-    let launch: String = r.get(10)?;
-    let mounts: String = r.get(19)?;
     Ok(ServerRecord {
         server: Server {
             id: r.get(0)?,
@@ -228,17 +225,17 @@ fn server_from_row(r: &Row<'_>) -> rusqlite::Result<ServerRecord> {
                 .ok_or_else(|| bad(3, format!("unknown server status {status:?}")))?,
             reason: r.get(4)?,
             node: r.get(5)?,
-            devices: serde_json::from_str(&devices).map_err(|e| bad(6, e.to_string()))?,
+            devices: get_json(r, 6)?,
             cpu_millis: get_u64(r, 7)?,
             memory_bytes: get_u64(r, 8)?,
             image: r.get(9)?,
-            launch: serde_json::from_str(&launch).map_err(|e| bad(10, e.to_string()))?,
+            launch: get_json(r, 10)?,
             pid: r.get(12)?,
             created_at_ms: get_u64(r, 15)?,
             ready_at_ms: get_opt_u64(r, 16)?,
             last_activity_ms: get_u64(r, 17)?,
             cull_exempt: r.get(18)?,
-            mounts: serde_json::from_str(&mounts).map_err(|e| bad(19, e.to_string()))?,
+            mounts: get_json(r, 19)?,
             upstream: None,
         },
         port: r.get(11)?,

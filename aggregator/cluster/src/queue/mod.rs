@@ -176,12 +176,8 @@ impl Cluster {
                 .collect(),
             DeviceRequest::Mig { .. } => Vec::new(),
             DeviceRequest::Gpus { count, model } => {
-                let mid = match model {
-                    Some(m) => match inv.model_id(m) {
-                        Some(id) => Some(id),
-                        None => return Vec::new(),
-                    },
-                    None => None,
+                let Some(mid) = inv.model_filter(model.as_deref()) else {
+                    return Vec::new();
                 };
                 // Nodes by free devices, most first (the ledger's index): the first
                 // few that could ever hold the request are looked at device by

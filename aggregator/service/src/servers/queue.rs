@@ -289,15 +289,7 @@ impl Servers {
         let now = now_ms();
         let hours = super::gpu_hours(&self.cluster, devices, since_ms, now);
         let half = millis(self.settings.queue.half_life);
-        {
-            let mut st = self.queue.state();
-            let old = st.scores.get(owner).copied().unwrap_or(UsageScore {
-                gpu_hours: 0.0,
-                at_ms: now,
-            });
-            st.scores
-                .insert(owner.to_owned(), old.add(hours, now, half));
-        }
+        // The store only: each round re-reads the scores from it.
         if let Err(e) = self.repo.add_usage(owner, hours, now, half).await {
             tracing::warn!(error = %e, "could not record GPU-hours");
         }
