@@ -25,7 +25,7 @@ def get(p):
 s, b = get("/inventory"); open(f"{out}/inventory.json", "wb").write(b); print("inventory", s, len(b))
 inv = json.loads(b); print("nvml", inv["nvml"], "gpus", [(g["uuid"], g["model"], g.get("mig_mode"), len(g["mig_instances"])) for g in inv["gpus"]])
 s, b = get("/metrics"); open(f"{out}/metrics.txt", "wb").write(b); print("metrics", s, len(b))
-for name in ["kcloud_nvml_up", "kcloud_collection_duration", "DCGM_FI_DEV_GPU_TEMP", "DCGM_FI_DEV_POWER_USAGE", "DCGM_FI_DEV_FB_USED"]:
+for name in ["kcloud_nvml_up", "kcloud_collection_duration", "DCGM_FI_DEV_GPU_TEMP", "DCGM_FI_DEV_POWER_USAGE", "DCGM_FI_DEV_FB_USED", "DCGM_FI_PROF_GR_ENGINE_ACTIVE", "kcloud_mig_utilization_ratio"]:
     print([l for l in b.decode().splitlines() if l.startswith(name)][:3])
 for rnd in range(3):
     t = []

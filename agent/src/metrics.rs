@@ -145,6 +145,8 @@ pub struct Metrics {
     mig_mode_pending: Gauges,
     gpu_processes: Gauges,
     mig_instance: Family<MigInfoLabels, Gauge>,
+    gr_engine_active: Family<DeviceLabels, FloatGauge>,
+    mig_utilization: Family<MigInfoLabels, FloatGauge>,
     host_cpus: Family<HostLabels, Gauge>,
     host_cpu_util: Family<HostLabels, FloatGauge>,
     host_mem_total: Family<HostLabels, Gauge>,
@@ -188,6 +190,8 @@ impl Metrics {
             mig_mode_pending: Gauges::default(),
             gpu_processes: Gauges::default(),
             mig_instance: Family::default(),
+            gr_engine_active: Family::default(),
+            mig_utilization: Family::default(),
             host_cpus: Family::default(),
             host_cpu_util: Family::default(),
             host_mem_total: Family::default(),
@@ -280,6 +284,17 @@ impl Metrics {
             "kcloud_mig_instance_info",
             "One series per MIG instance, with its own UUID as mig_uuid; value 1.",
             self.mig_instance.clone(),
+        );
+        r.register(
+            "DCGM_FI_PROF_GR_ENGINE_ACTIVE",
+            "Ratio of time the graphics engine is active (per MIG GPU instance, from GPM).",
+            self.gr_engine_active.clone(),
+        );
+        r.register(
+            "kcloud_mig_utilization_ratio",
+            "Share of the last interval the MIG instance's graphics engine was busy, 0 to 1 \
+             (GPM; absent where the GPU has no GPM).",
+            self.mig_utilization.clone(),
         );
         r.register(
             "kcloud_host_cpus",
@@ -385,6 +400,8 @@ impl Metrics {
         }
         self.power_usage.clear();
         self.mig_instance.clear();
+        self.gr_engine_active.clear();
+        self.mig_utilization.clear();
         self.info.clear();
 
         for g in &inv.gpus {
@@ -432,20 +449,23 @@ impl Metrics {
                         .get_or_create(&ml)
                         .set((m.free_bytes / MIB) as i64);
                 }
-                self.mig_instance
-                    .get_or_create(&MigInfoLabels {
-                        gpu: g.index,
-                        UUID: g.uuid.clone(),
-                        GPU_I_PROFILE: mig.profile.clone(),
-                        GPU_I_ID: gi.to_string(),
-                        GPU_CI_ID: mig
-                            .compute_instance_id
-                            .map(|c| c.to_string())
-                            .unwrap_or_default(),
-                        mig_uuid: mig.uuid.clone(),
-                        Hostname: host.clone(),
-                    })
-                    .set(1);
+                let info = MigInfoLabels {
+                    gpu: g.index,
+                    UUID: g.uuid.clone(),
+                    GPU_I_PROFILE: mig.profile.clone(),
+                    GPU_I_ID: gi.to_string(),
+                    GPU_CI_ID: mig
+                        .compute_instance_id
+                        .map(|c| c.to_string())
+                        .unwrap_or_default(),
+                    mig_uuid: mig.uuid.clone(),
+                    Hostname: host.clone(),
+                };
+                if let Some(r) = mig.gr_engine_active {
+                    self.gr_engine_active.get_or_create(&ml).set(r);
+                    self.mig_utilization.get_or_create(&info).set(r);
+                }
+                self.mig_instance.get_or_create(&info).set(1);
             }
         }
 

@@ -182,3 +182,49 @@ fn repeated_collections_are_stable() {
         assert_eq!(uuids(&inv), uuids(&first));
     }
 }
+
+/// GPM on the real driver, read-only: on a Hopper (or newer) GPU in MIG mode every
+/// instance reports a busy share in [0, 1] from the second collection on; elsewhere
+/// none is reported (absent, never 0). Prints what it saw for BENCHMARKS.md.
+#[test]
+#[ignore = "needs GPU"]
+fn mig_utilization_from_gpm_is_a_ratio_or_absent() {
+    let (mut c, metrics) = collector();
+    c.collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let inv = c.collect();
+    let mut text = String::new();
+    metrics.render(&mut text);
+    for g in &inv.gpus {
+        let hopper = ["H100", "H200", "H800", "GH200", "B200", "B100"]
+            .iter()
+            .any(|m| g.model.contains(m));
+        for m in &g.mig_instances {
+            println!(
+                "{} {} {}: gr_engine_active {:?}",
+                g.model, m.profile, m.uuid, m.gr_engine_active
+            );
+            match m.gr_engine_active {
+                Some(r) => assert!((0.0..=1.0).contains(&r), "{r}"),
+                None => assert!(!hopper, "{} has GPM but reported none", g.model),
+            }
+        }
+        if g.mig_instances.is_empty() {
+            println!(
+                "{} {}: MIG off, GPM per instance not applicable",
+                g.model, g.uuid
+            );
+        }
+    }
+    let series = text
+        .lines()
+        .filter(|l| l.starts_with("DCGM_FI_PROF_GR_ENGINE_ACTIVE{"))
+        .count();
+    let instances = inv
+        .gpus
+        .iter()
+        .flat_map(|g| &g.mig_instances)
+        .filter(|m| m.gr_engine_active.is_some())
+        .count();
+    assert_eq!(series, instances, "one series per measured instance");
+}

@@ -223,6 +223,93 @@ fn mig_instances_with_profiles_and_ids() {
     );
 }
 
+/// GPM on a Hopper in MIG mode: nothing on the first read (no earlier sample), then
+/// each instance's busy share over the interval, following changes of load; an
+/// Ampere (no GPM) and a MIG layout change report nothing rather than 0.
+#[test]
+fn mig_utilization_comes_from_gpm_between_reads() {
+    let mut h100 = FakeGpu::h100_mig(0, &["3g.40gb", "2g.20gb", "1g.10gb"]);
+    h100.migs[0].gr_active = Some(40);
+    h100.migs[1].gr_active = Some(100);
+    let mut a100 = FakeGpu::a100_mig(1, &["3g.40gb"]);
+    a100.migs[0].gr_active = Some(90); // never read: an A100 has no GPM
+    let mut spec = FakeSpec::with_gpus(vec![h100, a100]);
+    let fake = FakeNvml::new(&spec);
+    let (mut c, metrics) = collector(&fake, Duration::from_secs(30));
+    let util = |inv: &NodeInventory, gpu: usize| -> Vec<Option<f64>> {
+        inv.gpus[gpu]
+            .mig_instances
+            .iter()
+            .map(|m| m.gr_engine_active)
+            .collect()
+    };
+    let close = |got: Option<f64>, want: f64| got.is_some_and(|g| (g - want).abs() < 0.02);
+
+    let first = c.collect();
+    assert_eq!(util(&first, 0), [None, None, None], "no interval yet");
+    assert!(!render(&metrics).contains("DCGM_FI_PROF_GR_ENGINE_ACTIVE{"));
+
+    std::thread::sleep(Duration::from_millis(200));
+    let second = c.collect();
+    let u = util(&second, 0);
+    assert!(
+        close(u[0], 0.40) && close(u[1], 1.0) && close(u[2], 0.0),
+        "{u:?}"
+    );
+    assert_eq!(util(&second, 1), [None], "Ampere: absent, never 0");
+    let text = render(&metrics);
+    let parent = second.gpus[0].uuid.as_str();
+    let v = value(
+        &text,
+        "DCGM_FI_PROF_GR_ENGINE_ACTIVE",
+        &[
+            ("UUID", parent),
+            ("GPU_I_ID", "2"),
+            ("GPU_I_PROFILE", "2g.20gb"),
+        ],
+    )
+    .and_then(|v| v.parse::<f64>().ok());
+    assert!(close(v, 1.0), "{v:?}\n{text}");
+    let ours = value(
+        &text,
+        "kcloud_mig_utilization_ratio",
+        &[("mig_uuid", second.gpus[0].mig_instances[0].uuid.as_str())],
+    )
+    .and_then(|v| v.parse::<f64>().ok());
+    assert!(close(ours, 0.40), "{ours:?}");
+    assert_eq!(
+        value(
+            &text,
+            "DCGM_FI_PROF_GR_ENGINE_ACTIVE",
+            &[("UUID", second.gpus[1].uuid.as_str())]
+        ),
+        None
+    );
+
+    // The load changes: the next interval follows it.
+    spec.gpus[0].migs[0].gr_active = Some(0);
+    spec.gpus[0].migs[2].gr_active = Some(75);
+    fake.update(&spec);
+    // The fake re-reads its file at the next read: that interval still ran at the
+    // old rates; the one after runs at the new ones.
+    c.collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let third = c.collect();
+    let u = util(&third, 0);
+    assert!(close(u[0], 0.0) && close(u[2], 0.75), "{u:?}");
+
+    // A new layout on the GPU (other instance ids): the new instances start afresh.
+    for (m, gi) in spec.gpus[0].migs.iter_mut().zip([7, 8, 9]) {
+        m.gi = Some(gi);
+    }
+    fake.update(&spec);
+    let fourth = c.collect();
+    assert_eq!(util(&fourth, 0), [None, None, None]);
+    std::thread::sleep(Duration::from_millis(100));
+    let fifth = c.collect();
+    assert!(util(&fifth, 0).iter().all(Option::is_some));
+}
+
 #[test]
 fn not_supported_fields_are_absent_not_zero() {
     let mut g = FakeGpu::a100(0);

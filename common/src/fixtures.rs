@@ -58,6 +58,7 @@ pub fn with_mig<U: AsRef<str>>(mut g: Gpu, slices: &[(U, &str)]) -> Gpu {
                 used_bytes: 0,
                 free_bytes: 10 << 30,
             }),
+            gr_engine_active: None,
         })
         .collect();
     g

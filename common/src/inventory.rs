@@ -160,6 +160,12 @@ pub struct MigInstance {
     pub compute_instance_id: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<MemoryInfo>,
+    /// Share of time the instance's graphics engine was busy over the agent's last
+    /// interval, 0 to 1 (DCGM's `DCGM_FI_PROF_GR_ENGINE_ACTIVE`), from NVML's GPU
+    /// Performance Monitoring (Hopper and newer). Absent where GPM is not supported
+    /// or no interval has been measured yet: never 0 for "unknown".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gr_engine_active: Option<f64>,
 }
 
 /// A process with a compute context on a GPU.
@@ -217,6 +223,7 @@ mod tests {
                     gpu_instance_id: None,
                     compute_instance_id: None,
                     memory: None,
+                    gr_engine_active: None,
                 })
                 .collect(),
             processes: vec![],

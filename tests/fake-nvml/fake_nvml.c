@@ -25,6 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <time.h>
 
 /* ---- NVML ABI ---------------------------------------------------------- */
 
@@ -94,6 +95,38 @@ typedef struct {
     unsigned int computeInstanceId;
 } nvmlProcessInfo_t;
 
+/* GPU Performance Monitoring (nvml.h 12.x; nvml-wrapper-sys 0.10 bindings). */
+#define NVML_GPM_METRIC_GRAPHICS_UTIL 1
+#define NVML_GPM_METRIC_MAX 210
+#define NVML_GPM_METRICS_GET_VERSION 1
+#define NVML_GPM_SUPPORT_VERSION 1
+
+typedef struct fake_gpm_sample *nvmlGpmSample_t;
+
+typedef struct {
+    unsigned int metricId;
+    nvmlReturn_t nvmlReturn;
+    double value;
+    struct {
+        char *shortName;
+        char *longName;
+        char *unit;
+    } metricInfo;
+} nvmlGpmMetric_t;
+
+typedef struct {
+    unsigned int version;
+    unsigned int numMetrics;
+    nvmlGpmSample_t sample1;
+    nvmlGpmSample_t sample2;
+    nvmlGpmMetric_t metrics[NVML_GPM_METRIC_MAX];
+} nvmlGpmMetricsGet_t;
+
+typedef struct {
+    unsigned int version;
+    unsigned int isSupportedDevice;
+} nvmlGpmSupport_t;
+
 /* Buffer sizes NVML documents for its string getters. */
 #define NAME_LEN 96        /* NVML_DEVICE_NAME_V2_BUFFER_SIZE */
 #define UUID_LEN 96        /* NVML_DEVICE_UUID_V2_BUFFER_SIZE */
@@ -118,6 +151,7 @@ struct fake_mig {
     char uuid[UUID_LEN];
     char name[NAME_LEN];
     uint64_t gi, ci, mem_total, mem_used;
+    uint64_t gr_active; /* % of time busy, for GPM; NS = 0 */
 };
 
 struct fake_proc {
@@ -136,6 +170,7 @@ struct fake_gpu {
     uint64_t minor, mem_total, mem_used, mem_reserved;
     uint64_t util_gpu, util_mem, temp, power_mw, energy_mj;
     uint64_t sm_clock, mem_clock, mig_current, mig_pending, max_mig;
+    uint64_t gpm; /* 1: GPM supported (Hopper and newer) */
     struct fake_mig migs[MAX_MIGS]; /* slot = the mig record's index */
     unsigned int nprocs;
     struct fake_proc procs[MAX_PROCS];
@@ -169,6 +204,61 @@ static unsigned long long call_count;
  */
 static struct nvmlDevice_st gpu_handles[MAX_GPUS];
 static struct nvmlDevice_st mig_handles[MAX_GPUS][MAX_MIGS];
+
+/*
+ * GPM counters: per GPU (slot MAX_MIGS) and per MIG device, the nanoseconds
+ * its engine has been busy, accrued at the configured percentage of wall
+ * time.  They live outside cfg so that a config rewrite changes the rate
+ * from then on without resetting what accrued, as a real counter behaves.
+ */
+struct gpm_counter {
+    uint64_t last_ns;   /* monotonic time accrued up to; 0 = never */
+    uint64_t active_ns; /* busy time so far */
+};
+static struct gpm_counter gpm_counters[MAX_GPUS][MAX_MIGS + 1];
+
+static uint64_t mono_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+/* Busy percentage of a GPU (slot MAX_MIGS) or MIG device under cfg. */
+static uint64_t gpm_rate(unsigned int gpu, unsigned int slot)
+{
+    const struct fake_gpu *g = &cfg.gpus[gpu];
+    uint64_t r;
+
+    if (!g->present)
+        return 0;
+    if (slot == MAX_MIGS)
+        r = g->util_gpu;
+    else
+        r = g->migs[slot].present ? g->migs[slot].gr_active : NS;
+    return r == NS ? 0 : r;
+}
+
+static void gpm_advance(unsigned int gpu, unsigned int slot, uint64_t now)
+{
+    struct gpm_counter *c = &gpm_counters[gpu][slot];
+
+    if (c->last_ns != 0 && now > c->last_ns)
+        c->active_ns += (now - c->last_ns) * gpm_rate(gpu, slot) / 100;
+    c->last_ns = now;
+}
+
+static void gpm_advance_all(void)
+{
+    uint64_t now = mono_ns();
+    unsigned int g, m;
+
+    for (g = 0; g < MAX_GPUS; g++)
+        for (m = 0; m <= MAX_MIGS; m++)
+            if (gpm_counters[g][m].last_ns != 0)
+                gpm_advance(g, m, now);
+}
 
 /* ---- config parsing ----------------------------------------------------- */
 
@@ -263,7 +353,7 @@ static const struct {
     KEY(temp, UINT32_MAX),          KEY(power_mw, UINT32_MAX), KEY(energy_mj, NS - 1),
     KEY(sm_clock, UINT32_MAX),      KEY(mem_clock, UINT32_MAX), KEY(mig_current, UINT32_MAX),
     KEY(mig_pending, UINT32_MAX),   KEY(max_mig, UINT32_MAX),  KEY(pci_device_id, UINT32_MAX),
-    KEY(pci_subsys_id, UINT32_MAX),
+    KEY(pci_subsys_id, UINT32_MAX), KEY(gpm, 1),
 #undef KEY
 };
 
@@ -365,7 +455,7 @@ static int parse_mig(const struct parse_ctx *ctx, char **fields, int n)
         return parse_error(ctx, "too many mig records", NULL);
     memset(&p, 0, sizeof(p));
     p.mig.present = 1;
-    p.mig.gi = p.mig.ci = p.mig.mem_total = p.mig.mem_used = NS;
+    p.mig.gi = p.mig.ci = p.mig.mem_total = p.mig.mem_used = p.mig.gr_active = NS;
     for (i = 0; i < n; i++) {
         char *key = fields[i], *val = split_kv(ctx, fields[i]);
         int rc;
@@ -388,6 +478,8 @@ static int parse_mig(const struct parse_ctx *ctx, char **fields, int n)
             rc = parse_u64(ctx, val, NS - 1, &p.mig.mem_total);
         else if (strcmp(key, "mem_used") == 0)
             rc = parse_u64(ctx, val, NS - 1, &p.mig.mem_used);
+        else if (strcmp(key, "gr_active") == 0)
+            rc = parse_u64(ctx, val, 100, &p.mig.gr_active);
         else
             rc = parse_error(ctx, "unknown mig key", key);
         if (rc != 0)
@@ -546,8 +638,11 @@ static int load_config(void)
     fclose(f);
     if (rc == 0)
         rc = attach_pending(&ctx);
-    if (rc == 0)
+    if (rc == 0) {
+        /* Busy time so far accrued at the old rates; the new ones apply from now. */
+        gpm_advance_all();
         cfg = scratch;
+    }
     return rc;
 }
 
@@ -1237,4 +1332,161 @@ nvmlReturn_t nvmlDeviceGetGraphicsRunningProcesses_v3(nvmlDevice_t device,
     if (rc == NVML_SUCCESS)
         *infoCount = 0;
     return leave(rc);
+}
+
+/* ---- GPU Performance Monitoring ------------------------------------------ */
+
+/*
+ * A sample is a snapshot of one GPU's or GPU instance's busy counter; the
+ * graphics-util metric between two samples is the busy share of the time
+ * between them.  Samples are heap objects with a magic number so that a
+ * foreign or freed pointer is refused rather than read.
+ */
+#define SAMPLE_MAGIC 0x6770u
+
+struct fake_gpm_sample {
+    unsigned int magic;
+    int filled;
+    unsigned int gpu, slot; /* slot MAX_MIGS: the whole GPU */
+    uint64_t t_ns, active_ns;
+};
+
+static int sample_ok(const struct fake_gpm_sample *s)
+{
+    return s != NULL && s->magic == SAMPLE_MAGIC;
+}
+
+nvmlReturn_t nvmlGpmSampleAlloc(nvmlGpmSample_t *sample)
+{
+    struct fake_gpm_sample *s;
+    nvmlReturn_t rc;
+
+    enter();
+    rc = need_init();
+    if (rc == NVML_SUCCESS && sample == NULL)
+        rc = NVML_ERROR_INVALID_ARGUMENT;
+    if (rc == NVML_SUCCESS) {
+        s = calloc(1, sizeof(*s));
+        if (s == NULL)
+            return leave(NVML_ERROR_UNKNOWN);
+        s->magic = SAMPLE_MAGIC;
+        *sample = s;
+    }
+    return leave(rc);
+}
+
+nvmlReturn_t nvmlGpmSampleFree(nvmlGpmSample_t sample)
+{
+    enter();
+    if (!sample_ok(sample))
+        return leave(NVML_ERROR_INVALID_ARGUMENT);
+    sample->magic = 0;
+    free(sample);
+    return leave(NVML_SUCCESS);
+}
+
+nvmlReturn_t nvmlGpmQueryDeviceSupport(nvmlDevice_t device, nvmlGpmSupport_t *support)
+{
+    struct fake_gpu *g;
+    nvmlReturn_t rc;
+
+    enter();
+    rc = resolve_physical(device, &g);
+    if (rc == NVML_SUCCESS && support == NULL)
+        rc = NVML_ERROR_INVALID_ARGUMENT;
+    if (rc == NVML_SUCCESS && support->version != NVML_GPM_SUPPORT_VERSION)
+        rc = NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
+    if (rc == NVML_SUCCESS)
+        support->isSupportedDevice = g->gpm == 1;
+    return leave(rc);
+}
+
+static nvmlReturn_t fill_sample(nvmlDevice_t device, int whole, unsigned int gi,
+                                nvmlGpmSample_t sample)
+{
+    struct fake_gpu *g;
+    unsigned int gpu, slot = MAX_MIGS;
+    uint64_t now;
+    nvmlReturn_t rc = resolve_physical(device, &g);
+
+    if (rc != NVML_SUCCESS)
+        return rc;
+    if (!sample_ok(sample))
+        return NVML_ERROR_INVALID_ARGUMENT;
+    if (g->gpm != 1)
+        return NVML_ERROR_NOT_SUPPORTED;
+    gpu = (unsigned int)(g - cfg.gpus);
+    if (!whole) {
+        /* Per GPU instance: the GPU must be in MIG mode and have that instance. */
+        if (g->mig_current != 1)
+            return NVML_ERROR_NOT_SUPPORTED;
+        for (slot = 0; slot < MAX_MIGS; slot++)
+            if (g->migs[slot].present && g->migs[slot].gi == gi)
+                break;
+        if (slot == MAX_MIGS)
+            return NVML_ERROR_INVALID_ARGUMENT;
+    }
+    now = mono_ns();
+    gpm_advance(gpu, slot, now);
+    sample->filled = 1;
+    sample->gpu = gpu;
+    sample->slot = slot;
+    sample->t_ns = now;
+    sample->active_ns = gpm_counters[gpu][slot].active_ns;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlGpmSampleGet(nvmlDevice_t device, nvmlGpmSample_t gpmSample)
+{
+    enter();
+    return leave(fill_sample(device, 1, 0, gpmSample));
+}
+
+nvmlReturn_t nvmlGpmMigSampleGet(nvmlDevice_t device, unsigned int gpuInstanceId,
+                                 nvmlGpmSample_t gpmSample)
+{
+    enter();
+    return leave(fill_sample(device, 0, gpuInstanceId, gpmSample));
+}
+
+static char gr_short[] = "gr_util";
+static char gr_long[] = "graphics engine utilization";
+static char gr_unit[] = "%";
+
+nvmlReturn_t nvmlGpmMetricsGet(nvmlGpmMetricsGet_t *req)
+{
+    const struct fake_gpm_sample *a, *b;
+    unsigned int i;
+    nvmlReturn_t rc;
+
+    enter();
+    rc = need_init();
+    if (rc != NVML_SUCCESS)
+        return leave(rc);
+    if (req == NULL || req->numMetrics > NVML_GPM_METRIC_MAX)
+        return leave(NVML_ERROR_INVALID_ARGUMENT);
+    if (req->version != NVML_GPM_METRICS_GET_VERSION)
+        return leave(NVML_ERROR_ARGUMENT_VERSION_MISMATCH);
+    a = req->sample1;
+    b = req->sample2;
+    /* Two filled samples of the same device, the second taken later. */
+    if (!sample_ok(a) || !sample_ok(b) || !a->filled || !b->filled || a->gpu != b->gpu ||
+        a->slot != b->slot || b->t_ns <= a->t_ns)
+        return leave(NVML_ERROR_INVALID_ARGUMENT);
+    for (i = 0; i < req->numMetrics; i++) {
+        nvmlGpmMetric_t *m = &req->metrics[i];
+
+        memset(&m->metricInfo, 0, sizeof(m->metricInfo));
+        if (m->metricId != NVML_GPM_METRIC_GRAPHICS_UTIL) {
+            m->nvmlReturn = NVML_ERROR_NOT_SUPPORTED;
+            m->value = 0;
+            continue;
+        }
+        m->nvmlReturn = NVML_SUCCESS;
+        m->value = 100.0 * (double)(b->active_ns - a->active_ns) / (double)(b->t_ns - a->t_ns);
+        m->metricInfo.shortName = gr_short;
+        m->metricInfo.longName = gr_long;
+        m->metricInfo.unit = gr_unit;
+    }
+    return leave(NVML_SUCCESS);
 }

@@ -1,5 +1,6 @@
 //! Periodic collection of GPU and host state into one immutable snapshot.
 
+mod gpm;
 mod host;
 mod nvml;
 mod simulated;

@@ -11,6 +11,7 @@ use nvml_wrapper::enums::device::UsedGpuMemory;
 use nvml_wrapper::error::{NvmlError, nvml_try};
 use nvml_wrapper::{Device, Nvml};
 
+use super::gpm::GpmSamples;
 use super::{GpuReading, GpuSource};
 
 /// How long to wait before trying to initialise NVML again after it failed (driver
@@ -29,6 +30,8 @@ pub struct NvmlSource {
     /// Every GPU seen since start, by UUID: one that stops answering or vanishes from
     /// the enumeration is still reported, marked lost.
     known: BTreeMap<String, Gpu>,
+    /// Each MIG instance's GPM sample from the previous read.
+    gpm: GpmSamples,
 }
 
 impl NvmlSource {
@@ -45,6 +48,7 @@ impl NvmlSource {
             init_retry,
             down_logged: false,
             known: BTreeMap::new(),
+            gpm: GpmSamples::default(),
         }
     }
 
@@ -72,6 +76,9 @@ impl NvmlSource {
                 "NVML unavailable: serving host metrics only"
             );
             self.down_logged = true;
+        }
+        if let Some(nvml) = &self.nvml {
+            self.gpm.clear(nvml);
         }
         self.nvml = None;
         self.next_init = Instant::now() + self.init_retry;
@@ -108,8 +115,9 @@ impl GpuSource for NvmlSource {
         };
         let mut errors = Vec::new();
         let mut gpus = Vec::with_capacity(count as usize);
+        self.gpm.begin();
         for index in 0..count {
-            match read_gpu(nvml, index, &mut errors) {
+            match read_gpu(nvml, index, &mut self.gpm, &mut errors) {
                 Ok(gpu) => gpus.push(gpu),
                 Err(e) => {
                     // Without a handle or UUID we cannot name the GPU; the one known
@@ -121,6 +129,7 @@ impl GpuSource for NvmlSource {
                 }
             }
         }
+        self.gpm.end(nvml);
         let status = NvmlStatus {
             up: true,
             driver_version: nvml.sys_driver_version().ok(),
@@ -148,6 +157,15 @@ impl GpuSource for NvmlSource {
 
     fn simulated(&self) -> bool {
         false
+    }
+}
+
+impl Drop for NvmlSource {
+    fn drop(&mut self) {
+        // Samples are freed through the library, so before it is unloaded.
+        if let Some(nvml) = &self.nvml {
+            self.gpm.clear(nvml);
+        }
     }
 }
 
@@ -207,7 +225,12 @@ fn memory(m: nvml_wrapper::struct_wrappers::device::MemoryInfo) -> MemoryInfo {
     }
 }
 
-fn read_gpu(nvml: &Nvml, index: u32, errors: &mut Vec<&'static str>) -> Result<Gpu, NvmlError> {
+fn read_gpu(
+    nvml: &Nvml,
+    index: u32,
+    gpm: &mut GpmSamples,
+    errors: &mut Vec<&'static str>,
+) -> Result<Gpu, NvmlError> {
     let dev = nvml.device_by_index(index)?;
     let uuid = dev.uuid()?;
     let mut f = Fields {
@@ -225,7 +248,7 @@ fn read_gpu(nvml: &Nvml, index: u32, errors: &mut Vec<&'static str>) -> Result<G
         pending: m.pending == 1,
     });
     let mig_instances = if mig_mode.is_some_and(|m| m.current) {
-        read_mig_instances(nvml, &dev, &uuid, &mut f)
+        read_mig_instances(nvml, &dev, &uuid, gpm, &mut f)
     } else {
         vec![]
     };
@@ -271,11 +294,14 @@ fn read_mig_instances(
     nvml: &Nvml,
     parent: &Device<'_>,
     parent_uuid: &str,
+    gpm: &mut GpmSamples,
     f: &mut Fields<'_>,
 ) -> Vec<MigInstance> {
     let slots = f
         .get("max_mig_device_count", parent.mig_device_count())
         .unwrap_or(0);
+    // Drivers older than GPM lack the symbol: "not supported", like pre-Hopper GPUs.
+    let gpm_ok = f.get("gpm_support", parent.gpm_support()).unwrap_or(false);
     let mut out = Vec::new();
     for index in 0..slots {
         let mig = match parent.mig_device_by_index(index) {
@@ -291,6 +317,13 @@ fn read_mig_instances(
             continue;
         };
         let name = f.get("mig_name", mig.name()).unwrap_or_default();
+        let gpu_instance_id = instance_id(nvml, &mig, InstanceId::Gpu, f);
+        let gr_engine_active = match gpu_instance_id {
+            Some(gi) if gpm_ok => f
+                .get("gpm_mig_sample", gpm.sample(nvml, parent, parent_uuid, gi))
+                .flatten(),
+            _ => None,
+        };
         out.push(MigInstance {
             uuid,
             parent_uuid: parent_uuid.to_string(),
@@ -298,9 +331,10 @@ fn read_mig_instances(
             profile: kcloud_common::mig_profile_from_name(&name)
                 .unwrap_or("unknown")
                 .to_string(),
-            gpu_instance_id: instance_id(nvml, &mig, InstanceId::Gpu, f),
+            gpu_instance_id,
             compute_instance_id: instance_id(nvml, &mig, InstanceId::Compute, f),
             memory: f.get("mig_memory_info", mig.memory_info()).map(memory),
+            gr_engine_active,
         });
     }
     out

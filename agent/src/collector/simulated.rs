@@ -172,6 +172,8 @@ fn fnv1a(s: &str) -> u64 {
 pub struct SimulatedSource {
     gpus: Vec<Gpu>,
     tdp_watts: Vec<f64>,
+    /// Hopper and newer: MIG instances report utilization through GPM.
+    gpm: Vec<bool>,
     rng: StdRng,
     last: Instant,
 }
@@ -185,6 +187,7 @@ impl SimulatedSource {
         const BUSES: [u32; 8] = [0x07, 0x0f, 0x47, 0x4e, 0x87, 0x90, 0xb7, 0xbd];
         let mut gpus = Vec::new();
         let mut tdp_watts = Vec::new();
+        let mut gpm = Vec::new();
         for (i, g) in layout.gpus.iter().enumerate() {
             let uuid = stable_uuid("GPU", seed, i as u64, 0);
             let total = g.memory_mib * MIB;
@@ -205,6 +208,8 @@ impl SimulatedSource {
                         used_bytes: 0,
                         free_bytes: profile_memory_mib(profile) * MIB,
                     }),
+                    // Filled from the second reading on, on GPUs with GPM (below).
+                    gr_engine_active: None,
                 })
                 .collect();
             let bus = BUSES.get(i).copied().unwrap_or(0x100 + i as u32);
@@ -235,15 +240,14 @@ impl SimulatedSource {
                 mig_instances,
                 processes: vec![],
             });
-            tdp_watts.push(if g.model.contains("H100") || g.model.contains("H200") {
-                700.0
-            } else {
-                400.0
-            });
+            let hopper = g.model.contains("H100") || g.model.contains("H200");
+            tdp_watts.push(if hopper { 700.0 } else { 400.0 });
+            gpm.push(hopper);
         }
         Ok(Self {
             gpus,
             tdp_watts,
+            gpm,
             rng: StdRng::seed_from_u64(seed),
             last: Instant::now(),
         })
@@ -252,7 +256,7 @@ impl SimulatedSource {
     fn step(&mut self) {
         let dt = self.last.elapsed().as_secs_f64();
         self.last = Instant::now();
-        for (gpu, tdp) in self.gpus.iter_mut().zip(&self.tdp_watts) {
+        for ((gpu, tdp), gpm) in self.gpus.iter_mut().zip(&self.tdp_watts).zip(&self.gpm) {
             // One random walk per GPU drives every reading, so they move together
             // (busy GPUs are hot, draw power and hold memory) as on a real node.
             let prev = f64::from(gpu.temperature_celsius.unwrap_or(30).saturating_sub(30)) / 0.45;
@@ -268,6 +272,11 @@ impl SimulatedSource {
                 .energy_millijoules
                 .map(|e| e + (watts * dt * 1000.0) as u64);
             for mig in &mut gpu.mig_instances {
+                if *gpm {
+                    let prev = mig.gr_engine_active.unwrap_or(load / 100.0);
+                    let next = (prev + self.rng.random_range(-0.2..0.2)).clamp(0.0, 1.0);
+                    mig.gr_engine_active = Some((next * 1000.0).round() / 1000.0);
+                }
                 if let Some(m) = &mut mig.memory {
                     m.used_bytes = (m.total_bytes as f64 * self.rng.random_range(0.0..0.9)) as u64;
                     m.free_bytes = m.total_bytes - m.used_bytes;

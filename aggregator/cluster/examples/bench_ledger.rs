@@ -168,6 +168,7 @@ fn dgx_a100_mig(n: u32, now_ms: u64) -> NodeInventory {
                         gpu_instance_id: Some(s as u32 + 1),
                         compute_instance_id: Some(0),
                         memory: mem(10240 * mib),
+                        gr_engine_active: None,
                     })
                     .collect(),
                 processes: vec![],

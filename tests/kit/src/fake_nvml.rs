@@ -74,6 +74,10 @@ pub struct FakeGpu {
     pub mig_current: Option<u32>,
     pub mig_pending: Option<u32>,
     pub max_mig: Option<u32>,
+    /// GPU Performance Monitoring is supported (Hopper and newer): samples of the
+    /// GPU and of its GPU instances answer, and their graphics utilization is
+    /// `util_gpu` and each MIG device's `gr_active`.
+    pub gpm: bool,
     /// Every query through this GPU's handles (and its MIG devices') fails
     /// with `NVML_ERROR_GPU_IS_LOST`; getting the handle still works.
     pub lost: bool,
@@ -96,6 +100,9 @@ pub struct FakeMig {
     pub ci: Option<u32>,
     pub mem_total: Option<u64>,
     pub mem_used: Option<u64>,
+    /// Percent of time its graphics engine is busy, as GPM measures it between two
+    /// samples; `None` reads as 0 (GPM has no "unknown" per instance).
+    pub gr_active: Option<u32>,
 }
 
 /// A compute process on the [`FakeGpu`] that contains it.
@@ -206,6 +213,7 @@ impl FakeGpu {
             mig_current: Some(0),
             mig_pending: Some(0),
             max_mig: Some(7),
+            gpm: false,
             lost: false,
             migs: Vec::new(),
             procs: Vec::new(),
@@ -239,8 +247,24 @@ impl FakeGpu {
                 ci: Some(0),
                 mem_total: Some(profile_memory(profile)),
                 mem_used: Some(0),
+                gr_active: None,
             })
             .collect();
+        gpu
+    }
+
+    /// An NVIDIA H100 80GB HBM3 with MIG on and one MIG device per profile (as
+    /// [`FakeGpu::a100_mig`]): Hopper, so GPM answers for it and its instances.
+    pub fn h100_mig(index: u32, profiles: &[&str]) -> Self {
+        let mut gpu = Self::a100_mig(index, profiles);
+        gpu.name = "NVIDIA H100 80GB HBM3".to_owned();
+        gpu.pci_device_id = 0x2330_10DE;
+        gpu.gpm = true;
+        for m in &mut gpu.migs {
+            m.name = m
+                .name
+                .replace("NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3");
+        }
         gpu
     }
 
@@ -266,6 +290,7 @@ impl FakeGpu {
             ("mig_current", opt(self.mig_current)),
             ("mig_pending", opt(self.mig_pending)),
             ("max_mig", opt(self.max_mig)),
+            ("gpm", u8::from(self.gpm).to_string()),
             ("lost", u8::from(self.lost).to_string()),
         ];
         record(out, "gpu", &fields);
@@ -282,6 +307,7 @@ impl FakeGpu {
                     ("ci", opt(mig.ci)),
                     ("mem_total", opt(mig.mem_total)),
                     ("mem_used", opt(mig.mem_used)),
+                    ("gr_active", opt(mig.gr_active)),
                 ],
             );
         }
@@ -485,7 +511,8 @@ mod tests {
         assert_eq!(
             lines[5],
             "mig\tparent=1\tindex=0\tuuid=MIG-00000001-0000-5000-8000-000000000000\t\
-             name=NVIDIA A100-SXM4-80GB MIG 3g.40gb\tgi=1\tci=0\tmem_total=42949672960\tmem_used=0"
+             name=NVIDIA A100-SXM4-80GB MIG 3g.40gb\tgi=1\tci=0\tmem_total=42949672960\tmem_used=0\t\
+             gr_active=ns"
         );
         assert!(lines[6].contains("\tgi=2\tci=0\tmem_total=10737418240\t"));
         assert_eq!(lines[7], "proc\tgpu=1\tpid=42\tused_mem=1048576\tgi=1");
