@@ -189,7 +189,8 @@ for obj in docs:
                    "pinning": struct_fields(src, "Pinning"),
                    "toleration": struct_fields(src, "Toleration"),
                    "queue": struct_fields(src, "QueueSettings"),
-                   "reservations": struct_fields(src, "ReservationSettings")}
+                   "reservations": struct_fields(src, "ReservationSettings"),
+                   "culling": struct_fields(src, "Culling")}
         def known(table, where, keys):
             for key in keys:
                 if key not in allowed[table]:
@@ -197,6 +198,7 @@ for obj in docs:
         known("images", "images", settings.get("images", {}))
         known("queue", "queue", settings.get("queue", {}))
         known("reservations", "reservations", settings.get("reservations", {}))
+        known("culling", "culling", settings.get("culling", {}))
         kube = settings.get("kubernetes", {})
         known("kubernetes", "kubernetes", kube)
         known("pinning", "kubernetes.pinning", kube.get("pinning", {}))

@@ -300,6 +300,19 @@ try {
   check(csv.startsWith('key,gpu_hours,recovered'), `CSV from the link: ${csv.slice(0, 40)}`);
   await shot('usage');
 
+  // 14. The admin's Usage page adds the waste report (held against used GPU-hours),
+  // with the researcher's row, and its CSV.
+  await page.getByRole('button', { name: 'Sign out' }).click();
+  await signIn(adminUser, adminPass);
+  await page.locator('#who', { hasText: `${adminUser} (admin)` }).waitFor();
+  await page.locator('#nav').getByRole('link', { name: 'Usage' }).click();
+  const waste = page.locator('table.waste');
+  await waste.waitFor();
+  check(await waste.locator('tbody th', { hasText: user }).count() === 1, `the researcher's row in the waste report`);
+  const wasteCsv = await page.evaluate(async () => (await fetch(document.querySelector('a[download="kcloud-efficiency.csv"]').href)).text());
+  check(wasteCsv.startsWith('user,gpu_hours,measured_gpu_hours'), `waste CSV: ${wasteCsv.slice(0, 40)}`);
+  await shot('usage-admin');
+
   check(consoleErrors.length === 0, `no console errors: ${consoleErrors.join(' | ')}`);
   console.log('PORTAL OK');
 } catch (e) {

@@ -156,7 +156,9 @@ pub struct DeviceView {
     pub memory_total_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory_used_bytes: Option<u64>,
-    /// GPU-wide readings below are omitted for MIG instances (NVML has none per slice).
+    /// A MIG instance's is its graphics engine's busy share from GPM (Hopper and
+    /// newer; absent elsewhere); the other GPU-wide readings below are omitted for MIG
+    /// instances (NVML has none per slice).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub utilization_gpu_percent: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -682,6 +684,8 @@ impl InvState {
             v.profile = Some(m.profile.clone());
             v.parent_uuid = Some(g.uuid.clone());
             v.gpu_instance_id = m.gpu_instance_id;
+            // GPM's busy share, where the GPU measures it per instance.
+            v.utilization_gpu_percent = m.gr_engine_active.map(|r| (r * 100.0).round() as u32);
             memory = m.memory;
         } else {
             v.mig_enabled = Some(dev.mig_parent);
@@ -866,6 +870,30 @@ impl Inventory {
             c.oldest_age_ms = c.oldest_age_ms.max(now_ms.saturating_sub(e.received_at_ms));
         }
         c
+    }
+
+    /// How busy each of `uuids` is, 0 to 1, as its agent last reported: a whole GPU's
+    /// utilization, a MIG instance's GPM busy share. `None` where that is not known:
+    /// an unknown, lost or stale device, or no reading (no GPM): callers must never
+    /// read "unknown" as idle.
+    pub fn utilization(&self, uuids: &[String], now_ms: u64) -> Vec<Option<f64>> {
+        let st = self.read();
+        uuids
+            .iter()
+            .map(|uuid| {
+                let (key, dev) = st.device(uuid)?;
+                let entry = st.nodes.get(&key.node)?;
+                if dev.lost || !st.is_fresh(entry, now_ms) {
+                    return None;
+                }
+                let gpu = entry.snap.gpus.get(dev.gpu_pos)?;
+                if dev.class.mig {
+                    gpu.mig_instances.get(dev.mig_pos)?.gr_engine_active
+                } else {
+                    gpu.utilization_gpu_percent.map(|p| f64::from(p) / 100.0)
+                }
+            })
+            .collect()
     }
 
     /// Where each of `uuids` lives on its node, as its agent last reported: the GPU's
@@ -1053,6 +1081,9 @@ fn validate(path_node: &str, inv: &NodeInventory) -> Result<()> {
             }
             check_str(|| f("profile"), &m.profile, MAX_STRING_BYTES)?;
             check_memory(|| f("memory"), m.memory.as_ref())?;
+            if let Some(r) = m.gr_engine_active {
+                check_f64(&f("gr_engine_active"), r, Some(1.0))?;
+            }
             if g.mig_instances[..j].iter().any(|o| o.index == m.index) {
                 return Err(bad(format!(
                     "{}: duplicate MIG index {} on this GPU",
@@ -1352,6 +1383,14 @@ mod tests {
             (
                 "gpus[1].mig_instances[1].index",
                 Box::new(|i| i.gpus[1].mig_instances[1].index = 0),
+            ),
+            (
+                "gpus[1].mig_instances[0].gr_engine_active",
+                Box::new(|i| i.gpus[1].mig_instances[0].gr_engine_active = Some(1.5)),
+            ),
+            (
+                "gpus[1].mig_instances[0].gr_engine_active",
+                Box::new(|i| i.gpus[1].mig_instances[0].gr_engine_active = Some(f64::NAN)),
             ),
             ("duplicate GPU index", Box::new(|i| i.gpus[1].index = 0)),
             (

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use crate::queue::{QueueEntry, UsageScore};
 use crate::reservation::Reservation;
 use crate::server::{Server, ServerEvent};
-use crate::usage::{GroupBy, UsageInterval, UsageRow, UsageTotal};
+use crate::usage::{Efficiency, GroupBy, UsageInterval, UsageRow, UsageTotal};
 use crate::user::{AuditEntry, NewUser, RefreshRow, RefreshUse, User, UserPatch, UserRecord};
 use crate::volume::VolumeRow;
 use crate::{Error, Result};
@@ -169,6 +169,15 @@ pub trait UsageRepo: Send + Sync {
         user: Option<String>,
         now_ms: u64,
     ) -> Result<Vec<UsageRow>>;
+    /// Adds to users' efficiency on `day` (one transaction).
+    async fn add_efficiency(&self, day: u64, by_user: Vec<(String, Efficiency)>) -> Result<()>;
+    /// Efficiency of days `[from_day, to_day)` per user, one user's with `user`.
+    async fn efficiency(
+        &self,
+        from_day: u64,
+        to_day: u64,
+        user: Option<String>,
+    ) -> Result<Vec<(String, Efficiency)>>;
 }
 
 /// All of it: what the SQLite store is.

@@ -313,12 +313,30 @@ impl Share {
 }
 
 /// `[culling]`: stop servers idle longer than `idle_timeout` (e.g. `"1h"`), looking
-/// every `interval` (default `"1m"`).
+/// every `interval` (default `"1m"`); and, separately, servers whose every GPU stayed
+/// under `gpu_idle_threshold` percent for `gpu_idle_for` (e.g. `5` and `"2h"`), warned
+/// `gpu_idle_warn` before (default `"15m"`), which the owner may answer "keep"
+/// `gpu_idle_keeps_per_day` times a day (default 2).
 #[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Culling {
     pub idle_timeout: Option<String>,
     pub interval: Option<String>,
+    pub gpu_idle_threshold: Option<f64>,
+    pub gpu_idle_for: Option<String>,
+    pub gpu_idle_warn: Option<String>,
+    pub gpu_idle_keeps_per_day: Option<u32>,
+}
+
+/// Idle-GPU reclaim, when on: see [`Culling`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GpuIdle {
+    /// Busy share (0 to 1) under which a device counts as idle.
+    pub threshold: f64,
+    pub idle_for: Duration,
+    /// How long before the stop the owner is warned (less than `idle_for`).
+    pub warn_before: Duration,
+    pub keeps_per_day: u32,
 }
 
 impl Culling {
@@ -341,6 +359,46 @@ impl Culling {
             ));
         }
         Ok(Some((idle, every)))
+    }
+
+    /// Idle-GPU reclaim when `gpu_idle_for` is set (with a threshold).
+    pub fn gpu_idle(&self) -> Result<Option<GpuIdle>> {
+        let bad = |m: String| Err(Error::Config(format!("[culling] {m}")));
+        let parse = |what: &str, v: &str| {
+            parse_duration(v).map_err(|e| Error::Config(format!("[culling] {what} = {v:?}: {e}")))
+        };
+        let Some(idle_for) = &self.gpu_idle_for else {
+            if self.gpu_idle_threshold.is_some() || self.gpu_idle_warn.is_some() {
+                return bad("gpu_idle_threshold and gpu_idle_warn need gpu_idle_for".into());
+            }
+            return Ok(None);
+        };
+        let idle_for = parse("gpu_idle_for", idle_for)?;
+        let Some(threshold) = self.gpu_idle_threshold else {
+            return bad("gpu_idle_for needs gpu_idle_threshold (percent, e.g. 5)".into());
+        };
+        if !(threshold > 0.0 && threshold <= 100.0) {
+            return bad(format!(
+                "gpu_idle_threshold = {threshold}: a percentage above 0, at most 100"
+            ));
+        }
+        if idle_for < Duration::from_secs(1) {
+            return bad("gpu_idle_for must be at least 1s".into());
+        }
+        let warn_before = match &self.gpu_idle_warn {
+            Some(v) => parse("gpu_idle_warn", v)?,
+            // The default warning never comes before half the window has passed.
+            None => Duration::from_secs(15 * 60).min(idle_for / 2),
+        };
+        if warn_before >= idle_for {
+            return bad("gpu_idle_warn must be shorter than gpu_idle_for".into());
+        }
+        Ok(Some(GpuIdle {
+            threshold: threshold / 100.0,
+            idle_for,
+            warn_before,
+            keeps_per_day: self.gpu_idle_keeps_per_day.unwrap_or(2),
+        }))
     }
 }
 
@@ -521,6 +579,7 @@ impl Settings {
         }
         s.profiles = profiles;
         s.culling.schedule()?;
+        s.culling.gpu_idle()?;
         s.local.validate()?;
         let k = &s.kubernetes;
         if k.run_as_user <= 0 || k.run_as_group < 0 {
@@ -684,6 +743,42 @@ mod tests {
         std::fs::write(&path, "unknown = 1\n").unwrap();
         assert!(Settings::load(Some(&path)).is_err());
         assert_eq!(Settings::load(None).unwrap().presets.len(), 3);
+    }
+
+    #[test]
+    fn gpu_idle_reclaim_settings() {
+        let culling = |toml: &str| -> Result<Option<GpuIdle>> {
+            let c: Culling = toml::from_str(toml).map_err(|e| Error::Config(e.to_string()))?;
+            c.gpu_idle()
+        };
+        assert_eq!(culling("").unwrap(), None);
+        let g = culling("gpu_idle_threshold = 5\ngpu_idle_for = \"2h\"")
+            .unwrap()
+            .unwrap();
+        assert_eq!(g.threshold, 0.05);
+        assert_eq!(g.idle_for, Duration::from_secs(7200));
+        assert_eq!(g.warn_before, Duration::from_secs(900));
+        assert_eq!(g.keeps_per_day, 2);
+        let g =
+            culling("gpu_idle_threshold = 2.5\ngpu_idle_for = \"10m\"\ngpu_idle_keeps_per_day = 0")
+                .unwrap()
+                .unwrap();
+        assert_eq!(
+            g.warn_before,
+            Duration::from_secs(300),
+            "at most half the window"
+        );
+        assert_eq!(g.keeps_per_day, 0);
+        for bad in [
+            "gpu_idle_for = \"2h\"",
+            "gpu_idle_threshold = 5",
+            "gpu_idle_threshold = 0\ngpu_idle_for = \"2h\"",
+            "gpu_idle_threshold = 101\ngpu_idle_for = \"2h\"",
+            "gpu_idle_threshold = 5\ngpu_idle_for = \"soon\"",
+            "gpu_idle_threshold = 5\ngpu_idle_for = \"1h\"\ngpu_idle_warn = \"1h\"",
+        ] {
+            assert!(culling(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

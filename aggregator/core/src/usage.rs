@@ -77,6 +77,53 @@ pub struct UsageTotal {
     pub gpu_hours: f64,
 }
 
+/// How well held devices were used, for one user over one stretch of time: what the
+/// admins' waste report sums. Sampled every 10 s from the agents' readings: only time
+/// with a reading counts (`measured`), so a model without per-instance utilization
+/// (MIG before Hopper) is neither used nor idle.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, ToSchema)]
+pub struct Efficiency {
+    /// Normalized GPU-hours held with a utilization reading.
+    pub measured_gpu_hours: f64,
+    /// Those weighted by the busy share: the GPU-hours actually used.
+    pub used_gpu_hours: f64,
+    /// Those under the idle threshold (`[culling] gpu_idle_threshold`, else 5 %).
+    pub idle_gpu_hours: f64,
+    /// Idle GPU-hours that ended in a reclaim (the idle windows of stopped servers).
+    pub reclaimed_gpu_hours: f64,
+    /// Servers stopped because their GPUs were idle.
+    pub reclaimed_servers: u64,
+}
+
+impl Efficiency {
+    pub fn add(&mut self, o: &Efficiency) {
+        self.measured_gpu_hours += o.measured_gpu_hours;
+        self.used_gpu_hours += o.used_gpu_hours;
+        self.idle_gpu_hours += o.idle_gpu_hours;
+        self.reclaimed_gpu_hours += o.reclaimed_gpu_hours;
+        self.reclaimed_servers += o.reclaimed_servers;
+    }
+}
+
+/// One held device's reading at a sample: whose, how much it counts, how busy.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HeldReading {
+    pub user: String,
+    pub weight: f64,
+    /// 0 to 1; `None`: no reading.
+    pub busy: Option<f64>,
+}
+
+/// A user's allocated and used GPU-hours over a window: a row of the waste report.
+#[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
+pub struct EfficiencyRow {
+    pub user: String,
+    /// Normalized GPU-hours held (as `GET /api/v1/usage`).
+    pub gpu_hours: f64,
+    #[serde(flatten)]
+    pub efficiency: Efficiency,
+}
+
 /// The UTC day (days since 1970-01-01) of `ms`.
 pub fn day_of(ms: u64) -> u64 {
     ms / DAY_MS

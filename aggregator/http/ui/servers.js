@@ -248,6 +248,13 @@ function serverCard(s, ctx, showOwner) {
       toast(`Server ${s.name} deleted`);
     } catch (e) { toast(e.message, 'error'); }
   };
+  // The answer to an idle-GPU warning: the server stays; the idle window starts over.
+  const keep = async () => {
+    try {
+      await api('POST', `/api/v1/users/${enc(s.owner)}/servers/${enc(s.name)}/keep`);
+      toast(`Server ${s.name} kept`);
+    } catch (e) { toast(e.message, 'error'); }
+  };
   const devs = s.devices.map((u) => {
     const d = ctx.live.device(u);
     return d ? `${d.node} GPU ${d.index}${d.profile ? ` ${d.profile}` : ''}` : u;
@@ -262,7 +269,10 @@ function serverCard(s, ctx, showOwner) {
     s.status === 'queued' ? h('p', { class: 'queue-place', role: 'status' },
       `Queued: #${s.queue_position ?? '?'} in line · expected start ${s.estimated_start_ms ? new Date(s.estimated_start_ms).toLocaleString() : 'unknown'} · waits until ${new Date(s.wait_until_ms).toLocaleString()}`) : null,
     s.ends_at_ms ? h('p', { class: 'ends-at warning', role: 'status' },
-      `Will be stopped at ${new Date(s.ends_at_ms).toLocaleString()}: ${s.ends_because}. Volumes are kept.`) : null,
+      `Will be stopped at ${new Date(s.ends_at_ms).toLocaleString()}: ${s.ends_because}. Volumes are kept.`,
+      s.ends_reason === 'gpu_idle' && s.owner === ctx.me.user.name
+        ? [' ', h('button', { type: 'button', class: 'keep', onclick: keep, 'aria-label': `Keep ${s.name}` }, 'Keep')]
+        : null) : null,
     h('dl', { class: 'facts' },
       h('dt', {}, 'Devices'), h('dd', {}, devs.length ? devs.join(', ') : 'none'),
       h('dt', {}, 'Resources'), h('dd', {}, `${s.cpu_millis / 1000} CPUs · ${bytes(s.memory_bytes)}`),

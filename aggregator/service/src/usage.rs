@@ -8,22 +8,34 @@ use kcloud_cluster::Cluster;
 use kcloud_core::caller::Caller;
 use kcloud_core::repo::Repository;
 use kcloud_core::server::Server;
-use kcloud_core::usage::{GroupBy, UsageInterval, UsageRow, UsageTotal, day_of, parse_day};
+use kcloud_core::usage::{
+    Efficiency, EfficiencyRow, GroupBy, HeldReading, UsageInterval, UsageRow, UsageTotal, day_of,
+    parse_day,
+};
 use kcloud_core::validate::validate_user_name;
 use kcloud_core::{Error, Result, now_ms};
 
 /// The longest window a report covers.
 pub const MAX_REPORT_DAYS: u64 = 400;
+/// A sample covers at most this much time: after a pause (a stalled loop, a
+/// suspended host) the gap is not credited to whoever holds devices now.
+const MAX_SAMPLE_GAP_MS: u64 = 60_000;
 
 /// Records and reports usage. Share it as `Arc<UsageLedger>`.
 pub struct UsageLedger {
     repo: Arc<dyn Repository>,
     cluster: Arc<Cluster>,
+    /// When utilization was last sampled.
+    last_sample_ms: std::sync::Mutex<Option<u64>>,
 }
 
 impl UsageLedger {
     pub fn new(repo: Arc<dyn Repository>, cluster: Arc<Cluster>) -> Arc<Self> {
-        Arc::new(Self { repo, cluster })
+        Arc::new(Self {
+            repo,
+            cluster,
+            last_sample_ms: std::sync::Mutex::new(None),
+        })
     }
 
     /// `server` started holding its devices now.
@@ -64,6 +76,99 @@ impl UsageLedger {
         if let Err(e) = self.repo.close_usage(server_id, now_ms(), false).await {
             tracing::error!(error = %e, "could not close usage");
         }
+    }
+
+    /// Adds the time since the last sample to each holder's efficiency: measured where
+    /// a device had a reading, used by its busy share, idle under `idle_below`.
+    pub async fn sample(&self, readings: &[HeldReading], idle_below: f64, now: u64) {
+        let dt_ms = {
+            let mut last = self
+                .last_sample_ms
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let dt = last.map_or(0, |l| now.saturating_sub(l).min(MAX_SAMPLE_GAP_MS));
+            *last = Some(now);
+            dt
+        };
+        if dt_ms == 0 {
+            return;
+        }
+        let hours = dt_ms as f64 / 3.6e6;
+        let mut by_user: std::collections::BTreeMap<&str, Efficiency> = Default::default();
+        for r in readings {
+            let Some(busy) = r.busy else { continue };
+            let e = by_user.entry(&r.user).or_default();
+            e.measured_gpu_hours += r.weight * hours;
+            e.used_gpu_hours += r.weight * busy * hours;
+            if busy < idle_below {
+                e.idle_gpu_hours += r.weight * hours;
+            }
+        }
+        if by_user.is_empty() {
+            return;
+        }
+        let rows = by_user
+            .into_iter()
+            .map(|(u, e)| (u.to_owned(), e))
+            .collect();
+        if let Err(e) = self.repo.add_efficiency(day_of(now), rows).await {
+            tracing::warn!(error = %e, "could not record utilization");
+        }
+    }
+
+    /// A server of `user` holding `weight` normalized GPUs was stopped after its GPUs
+    /// were idle for `idle_ms`.
+    pub async fn reclaimed(&self, user: &str, weight: f64, idle_ms: u64, now: u64) {
+        let e = Efficiency {
+            reclaimed_gpu_hours: weight * idle_ms as f64 / 3.6e6,
+            reclaimed_servers: 1,
+            ..Efficiency::default()
+        };
+        if let Err(e) = self
+            .repo
+            .add_efficiency(day_of(now), vec![(user.to_owned(), e)])
+            .await
+        {
+            tracing::warn!(error = %e, "could not record a reclaim");
+        }
+    }
+
+    /// The waste report: per user, GPU-hours held against used, idle and reclaimed,
+    /// over the same window and visibility as [`UsageLedger::report`].
+    pub async fn efficiency(
+        &self,
+        caller: &Caller,
+        from: Option<&str>,
+        to: Option<&str>,
+        user: Option<String>,
+    ) -> Result<Vec<EfficiencyRow>> {
+        let (from_day, to_day, user) = self.window(caller, from, to, user)?;
+        let held = self
+            .repo
+            .usage(from_day, to_day, GroupBy::User, user.clone(), now_ms())
+            .await?;
+        let mut rows: std::collections::BTreeMap<String, EfficiencyRow> = held
+            .into_iter()
+            .map(|r| {
+                let row = EfficiencyRow {
+                    user: r.key.clone(),
+                    gpu_hours: r.gpu_hours,
+                    efficiency: Efficiency::default(),
+                };
+                (r.key, row)
+            })
+            .collect();
+        for (u, e) in self.repo.efficiency(from_day, to_day, user).await? {
+            rows.entry(u.clone())
+                .or_insert_with(|| EfficiencyRow {
+                    user: u,
+                    gpu_hours: 0.0,
+                    efficiency: Efficiency::default(),
+                })
+                .efficiency
+                .add(&e);
+        }
+        Ok(rows.into_values().collect())
     }
 
     /// At start: closes the intervals of servers that no longer hold devices (they
@@ -134,6 +239,19 @@ impl UsageLedger {
         group_by: GroupBy,
         user: Option<String>,
     ) -> Result<Vec<UsageRow>> {
+        let (from, to, user) = self.window(caller, from, to, user)?;
+        self.repo.usage(from, to, group_by, user, now_ms()).await
+    }
+
+    /// A report's days `[from, to)` and whose: a user's own; admins' everyone's, or
+    /// one user's with `user`.
+    fn window(
+        &self,
+        caller: &Caller,
+        from: Option<&str>,
+        to: Option<&str>,
+        user: Option<String>,
+    ) -> Result<(u64, u64, Option<String>)> {
         let now = now_ms();
         let today = day_of(now);
         let from = match from {
@@ -160,7 +278,7 @@ impl UsageLedger {
         if let Some(u) = &user {
             validate_user_name(u)?;
         }
-        self.repo.usage(from, to, group_by, user, now).await
+        Ok((from, to, user))
     }
 }
 

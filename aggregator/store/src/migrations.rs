@@ -202,6 +202,19 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         at_ms INTEGER NOT NULL
     ) STRICT;
     "#,
+    // 8: how well held devices were used, per UTC day and user (the waste report).
+    r#"
+    CREATE TABLE usage_efficiency (
+        day                 INTEGER NOT NULL,
+        user_name           TEXT NOT NULL,
+        measured_gpu_hours  REAL NOT NULL DEFAULT 0 CHECK (measured_gpu_hours >= 0),
+        used_gpu_hours      REAL NOT NULL DEFAULT 0 CHECK (used_gpu_hours >= 0),
+        idle_gpu_hours      REAL NOT NULL DEFAULT 0 CHECK (idle_gpu_hours >= 0),
+        reclaimed_gpu_hours REAL NOT NULL DEFAULT 0 CHECK (reclaimed_gpu_hours >= 0),
+        reclaimed_servers   INTEGER NOT NULL DEFAULT 0 CHECK (reclaimed_servers >= 0),
+        PRIMARY KEY (day, user_name)
+    ) STRICT, WITHOUT ROWID;
+    "#,
 ];
 
 /// The schema version this binary writes.

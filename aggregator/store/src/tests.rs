@@ -868,3 +868,42 @@ async fn usage_sums_equal_the_time_devices_were_held() {
         }
     }
 }
+
+#[tokio::test]
+async fn efficiency_adds_up_per_user_within_the_window() {
+    use kcloud_core::repo::UsageRepo;
+    use kcloud_core::usage::Efficiency;
+    let (_dir, store) = open_temp();
+    let e = |measured: f64, used: f64, reclaimed: u64| Efficiency {
+        measured_gpu_hours: measured,
+        used_gpu_hours: used,
+        idle_gpu_hours: measured - used,
+        reclaimed_gpu_hours: reclaimed as f64 * 0.5,
+        reclaimed_servers: reclaimed,
+    };
+    store
+        .add_efficiency(
+            10,
+            vec![("a".into(), e(1.0, 0.25, 0)), ("b".into(), e(2.0, 2.0, 1))],
+        )
+        .await
+        .unwrap();
+    store
+        .add_efficiency(10, vec![("a".into(), e(1.0, 0.5, 1))])
+        .await
+        .unwrap();
+    store
+        .add_efficiency(12, vec![("a".into(), e(4.0, 0.0, 2))])
+        .await
+        .unwrap();
+    let all = store.efficiency(10, 11, None).await.unwrap();
+    assert_eq!(all.len(), 2);
+    let a = &all.iter().find(|(u, _)| u == "a").unwrap().1;
+    assert_eq!((a.measured_gpu_hours, a.used_gpu_hours), (2.0, 0.75));
+    assert_eq!((a.reclaimed_servers, a.reclaimed_gpu_hours), (1, 0.5));
+    let only_a = store.efficiency(10, 13, Some("a".into())).await.unwrap();
+    assert_eq!(only_a.len(), 1);
+    assert_eq!(only_a[0].1.measured_gpu_hours, 6.0);
+    assert_eq!(only_a[0].1.reclaimed_servers, 3);
+    assert!(store.efficiency(11, 12, None).await.unwrap().is_empty());
+}

@@ -6,7 +6,9 @@ use async_trait::async_trait;
 use rusqlite::{OptionalExtension, TransactionBehavior, params};
 
 use kcloud_core::repo::UsageRepo;
-use kcloud_core::usage::{GroupBy, UsageInterval, UsageRow, UsageTotal, day_name, split_days};
+use kcloud_core::usage::{
+    Efficiency, GroupBy, UsageInterval, UsageRow, UsageTotal, day_name, split_days,
+};
 
 use crate::{Store, get_u64, to_i64};
 
@@ -282,6 +284,74 @@ impl UsageRepo for Store {
                     recovered,
                 })
                 .collect())
+        })
+        .await
+    }
+
+    async fn add_efficiency(
+        &self,
+        day: u64,
+        by_user: Vec<(String, Efficiency)>,
+    ) -> kcloud_core::Result<()> {
+        self.call(move |conn| {
+            let tx = conn.transaction()?;
+            {
+                let mut stmt = tx.prepare_cached(
+                    "INSERT INTO usage_efficiency (day, user_name, measured_gpu_hours,
+                         used_gpu_hours, idle_gpu_hours, reclaimed_gpu_hours, reclaimed_servers)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                     ON CONFLICT(day, user_name) DO UPDATE SET
+                         measured_gpu_hours = measured_gpu_hours + excluded.measured_gpu_hours,
+                         used_gpu_hours = used_gpu_hours + excluded.used_gpu_hours,
+                         idle_gpu_hours = idle_gpu_hours + excluded.idle_gpu_hours,
+                         reclaimed_gpu_hours = reclaimed_gpu_hours + excluded.reclaimed_gpu_hours,
+                         reclaimed_servers = reclaimed_servers + excluded.reclaimed_servers",
+                )?;
+                for (user, e) in &by_user {
+                    stmt.execute(params![
+                        to_i64(day)?,
+                        user,
+                        e.measured_gpu_hours,
+                        e.used_gpu_hours,
+                        e.idle_gpu_hours,
+                        e.reclaimed_gpu_hours,
+                        to_i64(e.reclaimed_servers)?
+                    ])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn efficiency(
+        &self,
+        from_day: u64,
+        to_day: u64,
+        user: Option<String>,
+    ) -> kcloud_core::Result<Vec<(String, Efficiency)>> {
+        self.call(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT user_name, SUM(measured_gpu_hours), SUM(used_gpu_hours),
+                        SUM(idle_gpu_hours), SUM(reclaimed_gpu_hours), SUM(reclaimed_servers)
+                 FROM usage_efficiency
+                 WHERE day >= ?1 AND day < ?2 AND (?3 IS NULL OR user_name = ?3)
+                 GROUP BY user_name",
+            )?;
+            let rows = stmt.query_map(params![to_i64(from_day)?, to_i64(to_day)?, user], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    Efficiency {
+                        measured_gpu_hours: r.get(1)?,
+                        used_gpu_hours: r.get(2)?,
+                        idle_gpu_hours: r.get(3)?,
+                        reclaimed_gpu_hours: r.get(4)?,
+                        reclaimed_servers: get_u64(r, 5)?,
+                    },
+                ))
+            })?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
         })
         .await
     }

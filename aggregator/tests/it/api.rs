@@ -115,6 +115,31 @@ async fn authorization_matrix() {
         (Method::GET, "/api/v1/gpus".into(), None, user_only),
         (Method::GET, "/api/v1/gpus/summary".into(), None, user_only),
         (Method::GET, "/api/v1/presets".into(), None, user_only),
+        (Method::GET, "/api/v1/usage".into(), None, user_only),
+        (
+            Method::GET,
+            "/api/v1/usage/efficiency".into(),
+            None,
+            user_only,
+        ),
+        (
+            Method::GET,
+            "/api/v1/usage/efficiency?user=bob".into(),
+            None,
+            [S::UNAUTHORIZED, S::NOT_FOUND, S::OK, S::OK, S::UNAUTHORIZED],
+        ),
+        (
+            Method::POST,
+            "/api/v1/users/alice/servers/none/keep".into(),
+            None,
+            [
+                S::UNAUTHORIZED,
+                S::NOT_FOUND,
+                S::NOT_FOUND,
+                S::NOT_FOUND,
+                S::UNAUTHORIZED,
+            ],
+        ),
         (
             Method::PUT,
             "/api/v1/nodes/node-1/inventory".into(),

@@ -360,3 +360,33 @@ impl TestApp {
         set.split(';').next().expect("name=value").to_owned()
     }
 }
+
+/// A local HTTP receiver of the webhook's notices: its URL and what it received.
+pub async fn webhook() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
+    use axum::routing::post;
+    let got: std::sync::Arc<std::sync::Mutex<Vec<Value>>> = Default::default();
+    let sink = got.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        post(move |axum::Json(v): axum::Json<Value>| {
+            let sink = sink.clone();
+            async move {
+                sink.lock().unwrap().push(v);
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}/hook"), got)
+}
+
+/// The `kind`s of the notices a [`webhook`] received, in order.
+pub fn kinds(got: &std::sync::Mutex<Vec<Value>>) -> Vec<String> {
+    got.lock()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v["kind"].as_str().map(str::to_owned))
+        .collect()
+}

@@ -5,18 +5,15 @@
 //! redaction, the devices they keep from others, the stop at their start with the
 //! webhook's warnings, no-shows; and the queue and reservations surviving SIGKILL.
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::Json;
-use axum::routing::post;
 use kcloud_core::now_ms;
 use kcloud_core::reservation::format_instant;
 use kcloud_testkit::process::AggregatorProcess;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::app::{Resp, TestApp};
+use crate::app::{Resp, TestApp, kinds, webhook};
 
 async fn start(settings: &str) -> TestApp {
     TestApp::builder()
@@ -272,34 +269,6 @@ async fn requests_wait_in_fair_order_with_backfill_and_start_when_devices_free()
     for a in ["server_queue", "server_start_queued", "server_queue_cancel"] {
         assert!(actions.contains(&a), "{a} in {actions:?}");
     }
-}
-
-/// A local HTTP receiver of the webhook's notices.
-async fn webhook() -> (String, Arc<Mutex<Vec<Value>>>) {
-    let got: Arc<Mutex<Vec<Value>>> = Arc::default();
-    let sink = got.clone();
-    let app = axum::Router::new().route(
-        "/hook",
-        post(move |Json(v): Json<Value>| {
-            let sink = sink.clone();
-            async move {
-                sink.lock().unwrap().push(v);
-                "ok"
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (format!("http://{addr}/hook"), got)
-}
-
-fn kinds(got: &Mutex<Vec<Value>>) -> Vec<String> {
-    got.lock()
-        .unwrap()
-        .iter()
-        .filter_map(|v| v["kind"].as_str().map(str::to_owned))
-        .collect()
 }
 
 async fn book(app: &TestApp, token: &str, user: &str, body: Value) -> Resp {

@@ -34,6 +34,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(server_logs))
         .routes(routes!(server_events))
         .routes(routes!(open_server))
+        .routes(routes!(keep_server))
 }
 
 /// A server as the API shows it.
@@ -80,12 +81,16 @@ pub struct ServerView {
     /// Queued: it leaves the queue then if it has not started.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub wait_until_ms: Option<u64>,
-    /// It will be stopped then, its devices being reserved by someone else (volumes
-    /// are kept); warned 15 and 5 minutes before.
+    /// It will be stopped then (volumes are kept): its devices are reserved by someone
+    /// else (warned 15 and 5 minutes before), or its GPUs have been idle (shown from
+    /// the warning on; `POST .../keep` answers it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ends_at_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ends_because: Option<String>,
+    /// `reservation` or `gpu_idle`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ends_reason: Option<String>,
 }
 
 impl ServerView {
@@ -106,6 +111,7 @@ impl ServerView {
         if let Some(e) = ends {
             v.ends_at_ms = Some(e.at_ms);
             v.ends_because = Some(e.because);
+            v.ends_reason = Some(e.reason.to_owned());
         }
         v
     }
@@ -145,6 +151,7 @@ impl From<Server> for ServerView {
             wait_until_ms: None,
             ends_at_ms: None,
             ends_because: None,
+            ends_reason: None,
         }
     }
 }
@@ -285,6 +292,25 @@ async fn patch_server(
         }
     };
     Ok(Json(server.into()))
+}
+
+/// The owner's answer to an idle-GPU warning: keep the server; its idle window starts
+/// over. Limited per day (`[culling] gpu_idle_keeps_per_day`; 429 after); 409 when the
+/// server is not idle or reclaim is off.
+#[utoipa::path(post, path = "/api/v1/users/{user}/servers/{server}/keep", tag = "servers",
+    params(("user" = String, Path), ("server" = String, Path)),
+    responses((status = 200, body = ServerView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 429, body = ErrorBody)),
+    security(("bearer" = []), ("cookie" = [])))]
+async fn keep_server(
+    State(s): State<AppState>,
+    caller: Caller,
+    ClientAddr(client): ClientAddr,
+    ApiPath((user, name)): ApiPath<(String, String)>,
+) -> Result<Json<ServerView>, ApiError> {
+    let server = s.servers.keep(&caller, client, &user, &name).await?;
+    Ok(Json(ServerView::of(&s, server)))
 }
 
 /// The server's output (JupyterLab's log), newest lines last; its token is removed.

@@ -155,6 +155,8 @@ pub struct Servers {
     usage: Arc<UsageLedger>,
     /// Warnings already given: (server id, reservation id, minutes before).
     warned: std::sync::Mutex<std::collections::HashSet<(String, String, u64)>>,
+    /// Idle-GPU windows, warnings and "keep" answers.
+    idle: std::sync::Mutex<gpu_idle::IdleBook>,
 }
 
 /// Releases the devices of servers that end by themselves (given to the provisioner),
@@ -233,6 +235,7 @@ impl Servers {
             locks,
             queue: Default::default(),
             warned: Default::default(),
+            idle: Default::default(),
         }
     }
 
@@ -931,6 +934,7 @@ pub(crate) fn validate(settings: &Settings, req: CreateServer) -> Result<Plan> {
     })
 }
 
+mod gpu_idle;
 mod queue;
 mod schedule;
 

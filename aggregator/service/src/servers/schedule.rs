@@ -31,6 +31,8 @@ pub struct EndsAt {
     pub at_ms: u64,
     /// Why, without naming another user.
     pub because: String,
+    /// `reservation` or `gpu_idle` (the owner can answer keep).
+    pub reason: &'static str,
 }
 
 impl Servers {
@@ -116,15 +118,26 @@ impl Servers {
         Ok(())
     }
 
-    /// When `server` must give its devices back for a reservation; `None` if never.
+    /// When `server` must give its devices back: for a reservation, or (once in its
+    /// warning time) because its GPUs are idle; the earlier. `None` if neither.
     pub fn ends_at(&self, server: &Server) -> Option<EndsAt> {
         if !server.status.holds_devices() || server.devices.is_empty() {
             return None;
         }
+        let now = now_ms();
+        let reserved = self.reservation_end(server, now);
+        let idle = self.idle_end(server, now);
+        match (reserved, idle) {
+            (Some(r), Some(i)) => Some(if i.at_ms < r.at_ms { i } else { r }),
+            (r, i) => r.or(i),
+        }
+    }
+
+    fn reservation_end(&self, server: &Server, now: u64) -> Option<EndsAt> {
         let r = self
             .cluster
             .calendar()
-            .must_end(&server.owner, &server.devices, now_ms())?;
+            .must_end(&server.owner, &server.devices, now)?;
         Some(EndsAt {
             at_ms: r.start_ms,
             because: if r.maintenance {
@@ -132,6 +145,7 @@ impl Servers {
             } else {
                 format!("reservation {} of its devices by another user", r.id)
             },
+            reason: "reservation",
         })
     }
 
@@ -162,10 +176,8 @@ impl Servers {
             let culled = cull
                 .filter(|_| !s.cull_exempt)
                 .map(|idle| s.last_activity_ms.saturating_add(idle));
-            let end = match (reserved, culled) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let idle_gpus = self.idle_window(&s).map(|w| w.stop_at_ms);
+            let end = [reserved, culled, idle_gpus].into_iter().flatten().min();
             if let Some(end) = end {
                 for d in &s.devices {
                     out.insert(node, d, end.max(now));
@@ -196,7 +208,7 @@ impl Servers {
             {
                 tracing::warn!(error = %e, "could not mark a reservation used");
             }
-            let Some(end) = self.ends_at(&s) else {
+            let Some(end) = self.reservation_end(&s, now) else {
                 continue;
             };
             if end.at_ms <= now {
@@ -312,7 +324,7 @@ impl Servers {
         Ok(true)
     }
 
-    fn queue_changed(&self) {
+    pub(crate) fn queue_changed(&self) {
         self.queue.changed_notify();
     }
 
@@ -363,7 +375,12 @@ impl Servers {
                     Err(e) => tracing::warn!(error = %e, "no-show check failed"),
                 }
                 self.enforce_reservations(now).await;
+                self.usage
+                    .sample(&self.held_readings(now), self.idle_below(), now)
+                    .await;
             }
+            // Every round: a push may have brought the readings that end a window.
+            self.reclaim_idle_gpus(now).await;
             // Estimates (a walk over the nodes with known ends) on the periodic round
             // only; a release is answered by a round that decides who starts.
             self.dispatch_with(full).await;
