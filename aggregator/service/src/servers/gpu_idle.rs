@@ -36,7 +36,13 @@ pub(crate) struct IdleBook {
     warned: HashSet<String>,
     /// (user, UTC day) → "keep" answers given.
     keeps: HashMap<(String, u64), u32>,
+    /// When the last round ran: rounds follow agent pushes, which on a large fleet
+    /// come many times a second; reading every held device once a second is enough.
+    last_round_ms: u64,
 }
+
+/// Rounds are at least this far apart.
+const MIN_ROUND_GAP_MS: u64 = 1_000;
 
 /// Where reclaim is off, the waste report still calls a device idle under this.
 const DEFAULT_IDLE_BELOW: f64 = 0.05;
@@ -121,6 +127,12 @@ impl Servers {
         let mut due = Vec::new();
         let mut warn = Vec::new();
         {
+            let mut book = self.idle_book();
+            if now.saturating_sub(book.last_round_ms) < MIN_ROUND_GAP_MS {
+                return 0;
+            }
+            book.last_round_ms = now;
+            drop(book);
             let servers = self.provisioner.list(None);
             let mut book = self.idle_book();
             let live: HashSet<&str> = servers.iter().map(|s| s.id.as_str()).collect();
