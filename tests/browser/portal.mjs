@@ -313,6 +313,24 @@ try {
   check(wasteCsv.startsWith('user,gpu_hours,measured_gpu_hours'), `waste CSV: ${wasteCsv.slice(0, 40)}`);
   await shot('usage-admin');
 
+  // 15. API tokens: one created on the Tokens page is shown once, works as a bearer
+  // token, is listed without its secret, and stops working when revoked there.
+  await page.locator('#nav').getByRole('link', { name: 'Tokens' }).click();
+  await page.getByRole('textbox', { name: 'Name' }).fill('laptop');
+  await page.getByRole('checkbox', { name: /^read/ }).check();
+  await page.getByRole('button', { name: 'Create token' }).click();
+  const secret = (await page.locator('code.secret').textContent()).trim();
+  check(secret.startsWith('kct_'), `a token is shown: ${secret.slice(0, 8)}`);
+  const withToken = (t) => page.evaluate(async (t) => (await fetch('/api/v1/gpus?limit=1', { credentials: 'omit', headers: { authorization: `Bearer ${t}` } })).status, t);
+  check(await withToken(secret) === 200, 'the token reads the API');
+  await page.locator('ul.tokens li', { hasText: 'laptop' }).waitFor();
+  check(!(await page.locator('ul.tokens').textContent()).includes(secret.slice(-20)), 'listed without its secret');
+  await shot('tokens');
+  await page.getByRole('button', { name: 'Revoke laptop' }).click();
+  await page.locator('dialog.confirm').getByRole('button', { name: 'Revoke' }).click();
+  await page.locator('ul.tokens li.muted', { hasText: 'No tokens' }).waitFor();
+  check(await withToken(secret) === 401, 'a revoked token is refused at once');
+
   check(consoleErrors.length === 0, `no console errors: ${consoleErrors.join(' | ')}`);
   console.log('PORTAL OK');
 } catch (e) {

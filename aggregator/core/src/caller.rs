@@ -1,6 +1,7 @@
 //! Who is acting on a request: a user who signed in (still existing and enabled), or
 //! the platform itself.
 
+use crate::token::TokenGrant;
 use crate::user::Role;
 use crate::{Error, Result};
 
@@ -11,8 +12,10 @@ pub struct Caller {
     pub name: String,
     pub role: Role,
     /// The sign-in session (refresh-token family) the caller's token belongs to; ending
-    /// it ends the token. `None` for the platform itself.
+    /// it ends the token. `None` for the platform itself and for personal tokens.
     pub session: Option<String>,
+    /// Set when the request came with a personal API token: what it may do.
+    pub grant: Option<TokenGrant>,
 }
 
 impl Caller {
@@ -22,6 +25,7 @@ impl Caller {
             name: "system".into(),
             role: Role::Admin,
             session: None,
+            grant: None,
         }
     }
 
@@ -36,6 +40,15 @@ impl Caller {
             Ok(())
         } else {
             Err(Error::NotFound(format!("no user {user:?}")))
+        }
+    }
+
+    /// Whether this caller's credential allows `method` on the API path `path`: always
+    /// for a session; by its scopes for a personal token.
+    pub fn check_scope(&self, method: &str, path: &str) -> Result<()> {
+        match &self.grant {
+            None => Ok(()),
+            Some(g) => g.allows(method, path),
         }
     }
 

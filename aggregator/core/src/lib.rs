@@ -32,6 +32,8 @@ pub mod settings;
 pub mod signal;
 /// The aggregator's clock.
 pub mod time;
+/// Personal API tokens: scopes, the stored record, the token's shape.
+pub mod token;
 /// The usage ledger: intervals devices were held, GPU-hours per day.
 pub mod usage;
 /// Users, roles, quotas, sessions and the audit log's entries.

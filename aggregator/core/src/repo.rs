@@ -12,6 +12,7 @@ use async_trait::async_trait;
 use crate::queue::{QueueEntry, UsageScore};
 use crate::reservation::Reservation;
 use crate::server::{Server, ServerEvent};
+use crate::token::ApiTokenRecord;
 use crate::usage::{Efficiency, GroupBy, UsageInterval, UsageRow, UsageTotal};
 use crate::user::{AuditEntry, NewUser, RefreshRow, RefreshUse, User, UserPatch, UserRecord};
 use crate::volume::VolumeRow;
@@ -60,6 +61,21 @@ pub trait SessionRepo: Send + Sync {
     /// The user, if they exist and `family` is one of their sessions, not revoked:
     /// what every request with a token checks.
     async fn session_user(&self, name: &str, family: &str) -> Result<Option<UserRecord>>;
+}
+
+/// Personal API tokens.
+#[async_trait]
+pub trait TokenRepo: Send + Sync {
+    /// Stores a new token; a name the user already gave a token is `Conflict`, more
+    /// than `max_per_user` live tokens is `QuotaExceeded`.
+    async fn insert_token(&self, t: ApiTokenRecord, max_per_user: u32) -> Result<()>;
+    async fn token(&self, id: &str) -> Result<Option<ApiTokenRecord>>;
+    /// A user's tokens, or everyone's (`None`), newest first.
+    async fn tokens(&self, user: Option<String>) -> Result<Vec<ApiTokenRecord>>;
+    /// Deletes a token; whether it existed.
+    async fn delete_token(&self, id: &str) -> Result<bool>;
+    /// Records a use (at most once a minute per token is enough for "last used").
+    async fn touch_token(&self, id: &str, at_ms: u64) -> Result<()>;
 }
 
 /// The audit log.
@@ -184,6 +200,7 @@ pub trait UsageRepo: Send + Sync {
 pub trait Repository:
     UserRepo
     + SessionRepo
+    + TokenRepo
     + AuditRepo
     + ServerRepo
     + VolumeRepo
@@ -196,6 +213,7 @@ pub trait Repository:
 impl<T> Repository for T where
     T: UserRepo
         + SessionRepo
+        + TokenRepo
         + AuditRepo
         + ServerRepo
         + VolumeRepo

@@ -123,6 +123,8 @@ impl FromRequestParts<AppState> for Caller {
     async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Self, Self::Rejection> {
         let token = credential(&parts.headers, &parts.method, s.secure_cookies)?.token;
         let caller = s.auth.caller(&token).await?;
+        // A personal token does what its scopes allow, nothing else.
+        caller.check_scope(parts.method.as_str(), parts.uri.path())?;
         // Into the request's span (see `track`): whose request it was.
         tracing::Span::current().record("user", caller.name.as_str());
         Ok(Caller(caller))

@@ -52,6 +52,7 @@ static ASSETS: &[Asset] = &[
     asset!("/ui/storage.js", "storage.js", JS),
     asset!("/ui/reservations.js", "reservations.js", JS),
     asset!("/ui/usage.js", "usage.js", JS),
+    asset!("/ui/tokens.js", "tokens.js", JS),
     asset!("/ui/admin.js", "admin.js", JS),
     asset!("/ui/favicon.svg", "favicon.svg", "image/svg+xml"),
 ];

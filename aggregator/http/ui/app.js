@@ -78,6 +78,7 @@ const pages = {
   storage: async () => (await import('./storage.js')).storagePage(ctx),
   reservations: async () => (await import('./reservations.js')).reservationsPage(ctx),
   usage: async () => (await import('./usage.js')).usagePage(ctx),
+  tokens: async () => (await import('./tokens.js')).tokensPage(ctx),
   admin: async () => {
     if (ctx.me.user.role !== 'admin') {
       return h('div', { class: 'denied' }, h('h2', {}, 'Not allowed'), h('p', {}, 'The admin pages are for administrators.'));

@@ -11,6 +11,7 @@ mod queue;
 mod reservations;
 mod servers;
 mod sessions;
+mod tokens;
 mod usage;
 mod users;
 mod volumes;

@@ -215,6 +215,21 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (day, user_name)
     ) STRICT, WITHOUT ROWID;
     "#,
+    // 9: personal API tokens, by id; the secret only as its hash. A deleted user's
+    // tokens go with them.
+    r#"
+    CREATE TABLE api_tokens (
+        id            TEXT PRIMARY KEY NOT NULL,
+        user_name     TEXT NOT NULL REFERENCES users (name) ON DELETE CASCADE,
+        name          TEXT NOT NULL,
+        scopes        TEXT NOT NULL,
+        hash          BLOB NOT NULL,
+        created_at_ms INTEGER NOT NULL,
+        expires_at_ms INTEGER NOT NULL,
+        last_used_ms  INTEGER,
+        UNIQUE (user_name, name)
+    ) STRICT;
+    "#,
 ];
 
 /// The schema version this binary writes.

@@ -1155,3 +1155,118 @@ async fn a_simulated_agent_pushes_into_the_aggregator() {
     stop.cancel();
     agent.await.unwrap().unwrap();
 }
+
+/// Personal tokens × every operation of the OpenAPI document (so a new endpoint is
+/// covered without editing this): with alice's token of each scope, an operation the
+/// scope allows answers exactly what alice's session gets; one it does not is 403 and
+/// says why. The rule: token management never; reads with `read` or `servers`; writes
+/// to the user's own servers and reservations with `servers`; other writes never.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_scopes_matrix_over_every_endpoint() {
+    let app = start().await;
+    let (_admin, alice, _bob) = app.users().await;
+    assert_eq!(
+        app.push("node-1", inventory("node-1", 1)).await.status,
+        StatusCode::OK
+    );
+    let mut tokens = Vec::new();
+    for scope in ["read", "servers", "proxy"] {
+        let r = app
+            .call(
+                Method::POST,
+                "/api/v1/users/alice/tokens",
+                Some(&alice),
+                Some(json!({"name": scope, "scopes": [scope]})),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+        tokens.push((scope, r.body["token"].as_str().unwrap().to_owned()));
+    }
+    let spec = app
+        .call(Method::GET, "/api/openapi.json", None, None)
+        .await
+        .body;
+    let mut checked = 0;
+    for (template, ops) in spec["paths"].as_object().unwrap() {
+        // Sign-in, the agents' push and the public endpoints take no user credential.
+        if template.starts_with("/api/v1/auth/")
+            || template.ends_with("/inventory")
+            || !template.starts_with("/api/v1/")
+        {
+            continue;
+        }
+        let path = template
+            .replace("{user}", "alice")
+            .replace("{node}", "node-1")
+            .replace("{path}", "none")
+            .split('/')
+            .map(|seg| if seg.starts_with('{') { "none" } else { seg })
+            .collect::<Vec<_>>()
+            .join("/");
+        for method in ops.as_object().unwrap().keys() {
+            let method: Method = method.to_uppercase().parse().unwrap();
+            if path == "/api/v1/events" {
+                continue; // a stream that stays open; its scope check is below
+            }
+            let write = !matches!(method, Method::GET | Method::HEAD);
+            let body = write.then(|| json!({}));
+            let session = app
+                .call(method.clone(), &path, Some(&alice), body.clone())
+                .await;
+            let segs: Vec<&str> = path.split('/').collect();
+            let own_servers = matches!(
+                segs.as_slice(),
+                ["", "api", "v1", "users", _, "servers" | "reservations", ..]
+            );
+            for (scope, token) in &tokens {
+                let allowed = if segs.contains(&"tokens") {
+                    false
+                } else if !write {
+                    matches!(*scope, "read" | "servers")
+                } else {
+                    own_servers && *scope == "servers"
+                };
+                let r = app
+                    .call(method.clone(), &path, Some(token), body.clone())
+                    .await;
+                if allowed {
+                    assert_eq!(
+                        r.status, session.status,
+                        "{scope} {method} {path}: {:?} vs session {:?}",
+                        r.body, session.body
+                    );
+                } else {
+                    assert_eq!(
+                        r.status,
+                        StatusCode::FORBIDDEN,
+                        "{scope} {method} {path}: {:?}",
+                        r.body
+                    );
+                    let msg = r.body["error"]["message"].as_str().unwrap_or("");
+                    assert!(msg.contains("token"), "{scope} {method} {path}: {msg}");
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(
+        checked > 100,
+        "only {checked} checks: the document lost operations?"
+    );
+    // The event stream: a read.
+    for (scope, token) in &tokens {
+        let r = app
+            .client
+            .get(format!("{}/api/v1/events", app.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        let want = if *scope == "proxy" {
+            StatusCode::FORBIDDEN
+        } else {
+            StatusCode::OK
+        };
+        assert_eq!(r.status(), want, "{scope} events");
+    }
+}

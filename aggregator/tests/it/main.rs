@@ -21,4 +21,5 @@ mod servers;
 mod sessions;
 mod storage;
 mod store_auth;
+mod tokens;
 mod usage;

@@ -187,6 +187,7 @@ async fn cluster_volumes_are_pvcs() {
         name: "alice".into(),
         role: Role::User,
         session: None,
+        grant: None,
     };
     let client_addr = std::net::IpAddr::from([127, 0, 0, 1]);
     let new = |name: &str, mode: Option<AccessMode>| NewVolume {

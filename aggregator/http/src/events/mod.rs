@@ -158,6 +158,7 @@ async fn events(
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let token = credential(&headers, &method, s.secure_cookies)?.token;
     let caller = s.auth.caller(&token).await?;
+    caller.check_scope(method.as_str(), "/api/v1/events")?;
     let want = query?.0.want()?;
     let mut viewer = Viewer::new(s, caller, token, want);
     viewer.reset();

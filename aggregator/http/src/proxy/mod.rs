@@ -4,7 +4,14 @@
 //! - browsers, with the server's own cookie, which the owner's origin sets when the
 //!   browser brings a one-time code from the portal (`/_kcloud/session`): the cookie
 //!   is good on that origin only, for that server only, and only for proxying;
-//! - API clients, with `Authorization: Bearer`, there and on the portal's origin.
+//! - API clients, with `Authorization: Bearer` (or `token`, as Jupyter clients send
+//!   it), there and on the portal's origin: a session's access token, or a personal
+//!   API token with the `proxy` scope;
+//! - Jupyter clients that put a personal token in the URL (`?token=kct_...`), on the
+//!   owner's origin only: a plain `GET` gets the server's cookie and is sent on to the
+//!   same URL without the token; a websocket or a write uses it for that request, and
+//!   it is removed before the request goes on. (On the portal's origin a token in the
+//!   URL would let a link serve user content there to a browser: never.)
 //!
 //! On the portal's origin a browser (the session cookie) never gets a server's
 //! content: its owner is sent to the owner's origin with a fresh code; anyone else is
@@ -69,6 +76,10 @@ async fn on_portal_origin(s: &AppState, req: Request) -> Result<Response, Error>
     let (owner, name, _) =
         split_path(req.uri().path()).ok_or_else(|| Error::NotFound("no such server".into()))?;
     let (owner, name) = (owner.to_owned(), name.to_owned());
+    if let Some(token) = client_token(req.headers())? {
+        let caller = s.auth.caller(&token).await?;
+        return forward(s, &caller, &owner, &name, req).await;
+    }
     let credential = cookie_credential(req.headers(), s.secure_cookies)?;
     let caller = s.auth.caller(&credential.token).await?;
     if credential.via_cookie {
@@ -181,8 +192,22 @@ async fn user_origin(
         .filter(|(owner, _, _)| *owner == user)
         .ok_or_else(|| Error::NotFound("nothing here: servers only".into()))?;
     let (owner, name) = (owner.to_owned(), name.to_owned());
-    let (caller, via_cookie) = match bearer(req.headers())? {
+    let mut req = req;
+    let in_url = url_token(req.uri());
+    let (caller, via_cookie) = match client_token(req.headers())? {
         Some(token) => (s.auth.caller(&token).await?, false),
+        None if in_url.is_some() => {
+            let token = in_url.unwrap_or_default();
+            let caller = s.auth.caller(&token).await?;
+            let without = uri_without_token(req.uri());
+            if req.method() == Method::GET && !is_websocket(req.headers()) {
+                return token_exchange(s, &caller, &owner, &name, without);
+            }
+            *req.uri_mut() = without
+                .parse()
+                .map_err(|_| Error::BadRequest("malformed URL".into()))?;
+            (caller, false)
+        }
         None => {
             let token = cookie(req.headers(), &server_cookie(s, &name)).ok_or_else(|| {
                 Error::Unauthorized("not signed in to this server: open it from the portal".into())
@@ -195,6 +220,91 @@ async fn user_origin(
         check_origin(req.headers(), authority, req.method(), websocket)?;
     }
     forward(s, &caller, &owner, &name, req).await
+}
+
+/// `Authorization: Bearer <token>` or `Authorization: token <token>` (what Jupyter
+/// clients send); `None` without the header.
+fn client_token(headers: &HeaderMap) -> Result<Option<String>, Error> {
+    let Some(v) = headers.get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    if let Some(t) = v
+        .to_str()
+        .ok()
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("token"))
+        .map(|(_, t)| t.trim())
+        .filter(|t| !t.is_empty())
+    {
+        return Ok(Some(t.to_owned()));
+    }
+    bearer(headers)
+}
+
+/// A personal token in the URL's `token` parameter (anything else named `token` is
+/// left for the server).
+fn url_token(uri: &axum::http::Uri) -> Option<String> {
+    uri.query()?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, v)| *k == "token" && v.starts_with(kcloud_core::token::TOKEN_PREFIX))
+        .map(|(_, v)| percent_decode(v))
+}
+
+/// The URL's path and query without its personal `token` parameter.
+fn uri_without_token(uri: &axum::http::Uri) -> String {
+    let kept: Vec<&str> = uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|kv| {
+            !kv.is_empty()
+                && !kv.split_once('=').is_some_and(|(k, v)| {
+                    k == "token" && v.starts_with(kcloud_core::token::TOKEN_PREFIX)
+                })
+        })
+        .collect();
+    if kept.is_empty() {
+        uri.path().to_owned()
+    } else {
+        format!("{}?{}", uri.path(), kept.join("&"))
+    }
+}
+
+/// A personal token in a `GET`'s URL on the owner's origin: the server's cookie, made
+/// from the token (good while the token is), and on to the same URL without it.
+fn token_exchange(
+    s: &AppState,
+    caller: &Caller,
+    owner: &str,
+    name: &str,
+    to: String,
+) -> Result<Response, Error> {
+    s.servers
+        .get(caller, owner, name)
+        .map_err(|_| Error::NotFound(format!("no server {owner}/{name}")))?;
+    let token = s.auth.grant_cookie(caller, owner, name)?;
+    let secure = if s.user_origins.secure() {
+        "; Secure"
+    } else {
+        ""
+    };
+    let cookie = format!(
+        "{}={token}; Path=/; Max-Age={}; HttpOnly; SameSite=Lax{secure}",
+        server_cookie(s, name),
+        s.auth.refresh_ttl().as_secs()
+    );
+    let mut resp = (StatusCode::SEE_OTHER, [(header::LOCATION, to)]).into_response();
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&cookie) {
+        h.insert(header::SET_COOKIE, v);
+    }
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    Ok(resp)
 }
 
 /// `GET /_kcloud/session?code=...&next=...` on the owner's origin: the code becomes the
@@ -250,6 +360,15 @@ async fn forward(
     name: &str,
     req: Request,
 ) -> Result<Response, Error> {
+    if caller
+        .grant
+        .as_ref()
+        .is_some_and(|g| !g.has(kcloud_core::token::Scope::Proxy))
+    {
+        return Err(Error::Forbidden(
+            "this personal token lacks the proxy scope".into(),
+        ));
+    }
     if let Some(ConnectInfo(conn)) = req.extensions().get::<ConnectInfo<Connection>>() {
         conn.nodelay();
     }

@@ -8,6 +8,7 @@ mod limiter;
 mod passwords;
 #[cfg(test)]
 mod tests;
+mod tokens;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -33,6 +34,7 @@ pub use passwords::{
     verify_password,
 };
 use passwords::{Passwords, generate_password};
+pub use tokens::{MAX_TOKENS_PER_USER, NewToken};
 
 /// Login attempts per user name: a burst of 5, then one every 30 s.
 pub const LOGIN_PER_USER_BURST: u32 = 5;
@@ -369,13 +371,28 @@ impl Auth {
     /// The user an access token stands for, if they still exist, are enabled and the
     /// token's session is not revoked: logout, disabling, a new password or role take
     /// effect at once, not at token expiry.
+    /// A personal API token (`kct_...`) stands for its user, limited to its scopes.
     pub async fn caller(&self, token: &str) -> Result<Caller> {
+        if token.starts_with(kcloud_core::token::TOKEN_PREFIX) {
+            return self.token_caller(token).await;
+        }
         let claims = self.verify_access(token)?;
         self.session_caller(claims).await
     }
 
     async fn session_caller(&self, claims: Claims) -> Result<Caller> {
         let family = claims.fam.unwrap_or_default();
+        if let Some(grant) = self.family_grant(&family).await {
+            // A proxy cookie made from a personal token: good while the token is, for
+            // the user the token is (the cookie's subject must agree).
+            return grant.and_then(|c| {
+                if c.name == claims.sub {
+                    Ok(c)
+                } else {
+                    Err(Error::Unauthorized(INVALID_TOKEN.into()))
+                }
+            });
+        }
         let user = self
             .repo
             .session_user(&claims.sub, &family)
@@ -386,6 +403,7 @@ impl Auth {
             name: user.user.name,
             role: user.user.role,
             session: Some(family),
+            grant: None,
         })
     }
 
