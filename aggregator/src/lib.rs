@@ -187,6 +187,7 @@ pub async fn build_with(config: &Config, kube_client: Option<kube::Client>) -> R
         repo.clone(),
         cluster.clone(),
         settings.clone(),
+        servers.groups().clone(),
     ));
     let users = Arc::new(Users::new(
         repo,
@@ -194,6 +195,7 @@ pub async fn build_with(config: &Config, kube_client: Option<kube::Client>) -> R
         cluster.clone(),
         provisioner,
         settings.default_quota.clone(),
+        servers.groups().clone(),
     ));
     // The ledger is rebuilt from the servers that exist (adopted or not) before the
     // API serves: until then /readyz is 503 and allocations wait.

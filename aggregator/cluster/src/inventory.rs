@@ -165,6 +165,10 @@ pub struct DeviceView {
     pub temperature_celsius: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub power_watts: Option<f64>,
+    /// `false` when the viewer's groups may not use it (the API sets it per viewer;
+    /// absent means allowed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entitled: Option<bool>,
 }
 
 /// Free and total devices of one model (and MIG profile).
@@ -676,6 +680,7 @@ impl InvState {
             utilization_gpu_percent: None,
             temperature_celsius: None,
             power_watts: None,
+            entitled: None,
         };
         let memory: Option<MemoryInfo>;
         if dev.class.mig {

@@ -10,6 +10,8 @@ pub mod caller;
 pub mod device;
 /// The one error type of the aggregator's crates and its `Result`.
 pub mod error;
+/// Groups: shared quotas and entitlements.
+pub mod group;
 /// How servers are kept apart (sandbox, pods, or none), as the API reports it.
 pub mod isolation;
 /// IDE profiles and the one place that builds what a server runs.

@@ -9,12 +9,15 @@ use std::fmt;
 
 use async_trait::async_trait;
 
+use crate::group::{Entitlements, Group};
 use crate::queue::{QueueEntry, UsageScore};
 use crate::reservation::Reservation;
 use crate::server::{Server, ServerEvent};
 use crate::token::ApiTokenRecord;
 use crate::usage::{Efficiency, GroupBy, UsageInterval, UsageRow, UsageTotal};
-use crate::user::{AuditEntry, NewUser, RefreshRow, RefreshUse, User, UserPatch, UserRecord};
+use crate::user::{
+    AuditEntry, NewUser, Quota, RefreshRow, RefreshUse, User, UserPatch, UserRecord,
+};
 use crate::volume::VolumeRow;
 use crate::{Error, Result};
 
@@ -61,6 +64,32 @@ pub trait SessionRepo: Send + Sync {
     /// The user, if they exist and `family` is one of their sessions, not revoked:
     /// what every request with a token checks.
     async fn session_user(&self, name: &str, family: &str) -> Result<Option<UserRecord>>;
+}
+
+/// What a group update changes; `None` leaves a field as it is.
+#[derive(Clone, Debug, Default)]
+pub struct GroupPatch {
+    pub description: Option<String>,
+    pub quota: Option<Quota>,
+    pub entitlements: Option<Entitlements>,
+    pub add_members: Vec<String>,
+    pub remove_members: Vec<String>,
+}
+
+/// Groups and their members.
+#[async_trait]
+pub trait GroupRepo: Send + Sync {
+    /// A name taken is `Conflict`; an unknown member is `BadRequest`.
+    async fn create_group(&self, g: Group) -> Result<()>;
+    async fn group(&self, name: &str) -> Result<Option<Group>>;
+    /// Every group, by name.
+    async fn groups(&self) -> Result<Vec<Group>>;
+    /// The groups `user` is in, by name.
+    async fn groups_of(&self, user: &str) -> Result<Vec<Group>>;
+    /// Applies `patch` in one transaction; `None` when the group does not exist; an
+    /// unknown member to add is `BadRequest`.
+    async fn update_group(&self, name: &str, patch: GroupPatch) -> Result<Option<Group>>;
+    async fn delete_group(&self, name: &str) -> Result<bool>;
 }
 
 /// Personal API tokens.
@@ -201,6 +230,7 @@ pub trait Repository:
     UserRepo
     + SessionRepo
     + TokenRepo
+    + GroupRepo
     + AuditRepo
     + ServerRepo
     + VolumeRepo
@@ -214,6 +244,7 @@ impl<T> Repository for T where
     T: UserRepo
         + SessionRepo
         + TokenRepo
+        + GroupRepo
         + AuditRepo
         + ServerRepo
         + VolumeRepo

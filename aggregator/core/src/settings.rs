@@ -49,6 +49,8 @@ pub struct Settings {
     pub reservations: ReservationSettings,
     /// Messages to people outside the portal (`[notifications]`).
     pub notifications: NotificationSettings,
+    /// What users in no group may use (`[entitlements]`; unset: everything).
+    pub entitlements: crate::group::Entitlements,
 }
 
 /// A duration in a settings file: `"30m"`, `"7d"`, or seconds.

@@ -95,6 +95,7 @@ pub fn router(state: AppState) -> (Router, OpenApi) {
         .merge(routes::schedule::routes())
         .merge(routes::usage::routes())
         .merge(routes::tokens::routes())
+        .merge(routes::groups::routes())
         .merge(routes::servers::routes())
         .merge(events::routes())
         .merge(routes::volumes::routes())

@@ -1,7 +1,7 @@
 // The portal shell: session, navigation, and the live store shared by all pages.
 import { api, Live, ApiError } from './api.js';
 import { h, toast, field } from './dom.js';
-import { clusterView } from './cluster.js';
+import { clusterView, entitledTo } from './cluster.js';
 import { newServerPage, serversPage } from './servers.js';
 
 const main = document.getElementById('main');
@@ -72,7 +72,7 @@ async function start() {
 }
 
 const pages = {
-  cluster: () => h('div', {}, h('h2', {}, 'Cluster'), clusterView(ctx.live, { me: ctx.me.user.name, admin: ctx.me.user.role === 'admin' })),
+  cluster: () => h('div', {}, h('h2', {}, 'Cluster'), clusterView(ctx.live, { me: ctx.me.user.name, admin: ctx.me.user.role === 'admin', entitled: entitledTo(ctx.me.entitlements) })),
   new: () => newServerPage(ctx),
   servers: () => serversPage(ctx),
   storage: async () => (await import('./storage.js')).storagePage(ctx),

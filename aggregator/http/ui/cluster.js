@@ -11,6 +11,15 @@ function slices(profile) {
   return m ? Number(m[1]) : 1;
 }
 
+// Whether entitlements (from /api/v1/me: lists of names or * patterns, null = all)
+// allow device `d`; admins' and unrestricted users' allow everything.
+export function entitledTo(ent) {
+  const escape = (x) => x.replace(/[.+?^$|()[\]{}\\]/g, '\\$&');
+  const glob = (p) => new RegExp('^' + p.split('*').map(escape).join('.*') + '$');
+  const allows = (list, value) => !list || list.some((p) => glob(p).test(value || ''));
+  return (d) => allows(ent?.models, d.model) && (d.kind !== 'mig' || allows(ent?.mig_profiles, d.profile));
+}
+
 export function deviceState(d, me) {
   if (d.holder && d.holder.user === me) return 'mine';
   if (d.available) return 'free';
@@ -29,15 +38,16 @@ function stateText(d, me, admin) {
 // Sets what changes on a device button: state, labels, selectability.
 function paintDevice(btn, d, ctx) {
   const st = deviceState(d, ctx.me);
-  const text = stateText(d, ctx.me, ctx.admin);
+  const denied = !!(ctx.entitled && !ctx.entitled(d));
+  const text = `${stateText(d, ctx.me, ctx.admin)}${denied ? ' · not for your groups' : ''}`;
   const picked = !!(ctx.picked && ctx.picked.has(d.uuid));
   const what = d.kind === 'mig' ? `MIG ${d.profile}` : `GPU ${d.index} ${d.model}`;
-  btn.className = `dev ${st}${picked ? ' picked' : ''}${d.kind === 'gpu' ? ' whole' : ''}`;
+  btn.className = `dev ${st}${picked ? ' picked' : ''}${d.kind === 'gpu' ? ' whole' : ''}${denied ? ' not-entitled' : ''}`;
   btn.dataset.state = st;
   if (ctx.picked) btn.setAttribute('aria-pressed', String(picked));
   btn.setAttribute('aria-label', `${what} on ${d.node}: ${text}`);
   btn.title = `${what}\n${d.uuid}\n${text}`;
-  btn.disabled = !!(ctx.picked && st !== 'free' && !picked);
+  btn.disabled = !!(ctx.picked && (st !== 'free' || denied) && !picked);
   btn.lastChild.textContent = text;
 }
 

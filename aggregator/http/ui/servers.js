@@ -1,7 +1,7 @@
 // New server form and the server lists (mine; everyone's for admins).
 import { api, enc, ApiError } from './api.js';
 import { h, bytes, age, toast, confirmDialog, field, showError, chart } from './dom.js';
-import { clusterView } from './cluster.js';
+import { clusterView, entitledTo } from './cluster.js';
 
 // Which form control an API error concerns, from its message.
 function fieldFor(err) {
@@ -68,6 +68,7 @@ export async function newServerPage(ctx) {
   const picker = clusterView(live, {
     me: me.user.name,
     admin: me.user.role === 'admin',
+    entitled: entitledTo(mine.entitlements),
     picked,
     onPick: (d) => {
       if (picked.has(d.uuid)) picked.delete(d.uuid); else picked.add(d.uuid);

@@ -13,6 +13,8 @@ pub mod auth;
 pub mod culler;
 /// The file browser's operations, confined to one root directory.
 pub mod files;
+/// Groups: shared quotas and what their members may use.
+pub mod groups;
 /// Per-owner serialisation of creates and deletes.
 pub mod locks;
 /// Notices to a webhook (queue starts, reservations, stops).

@@ -3,6 +3,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
+/// A held lock of [`OwnerLocks`].
+pub type OwnerGuard = tokio::sync::OwnedMutexGuard<()>;
+
 /// Per-owner locks: creates and deletes of one owner's servers run one at a time, so
 /// that name and quota checks see a settled state. Devices need no such lock (the
 /// ledger is atomic), so different owners never wait for each other.
@@ -12,7 +15,8 @@ pub struct OwnerLocks {
 }
 
 impl OwnerLocks {
-    pub async fn lock(&self, owner: &str) -> tokio::sync::OwnedMutexGuard<()> {
+    /// Also used for groups, as `group:{name}` (never a user name: those have no `:`).
+    pub async fn lock(&self, owner: &str) -> OwnerGuard {
         let lock = self
             .locks
             .lock()

@@ -36,6 +36,7 @@ use kcloud_core::time::millis;
 use kcloud_core::{Error, Result, now_ms};
 
 use crate::audit::Audit;
+use crate::groups::{Groups, check_devices};
 
 /// The notice a running server gets before a reservation of its device starts.
 pub const NOTICE_MS: u64 = 15 * 60 * 1000;
@@ -107,6 +108,7 @@ pub struct Reservations {
     audit: Audit,
     cluster: Arc<Cluster>,
     settings: Arc<Settings>,
+    groups: Arc<Groups>,
 }
 
 fn bad(msg: impl Into<String>) -> Error {
@@ -114,12 +116,18 @@ fn bad(msg: impl Into<String>) -> Error {
 }
 
 impl Reservations {
-    pub fn new(repo: Arc<dyn Repository>, cluster: Arc<Cluster>, settings: Arc<Settings>) -> Self {
+    pub fn new(
+        repo: Arc<dyn Repository>,
+        cluster: Arc<Cluster>,
+        settings: Arc<Settings>,
+        groups: Arc<Groups>,
+    ) -> Self {
         Self {
             audit: Audit::new(repo.clone()),
             repo,
             cluster,
             settings,
+            groups,
         }
     }
 
@@ -194,14 +202,24 @@ impl Reservations {
                 )));
             }
         }
+        let entitled = self.groups.entitlements(owner, user.role).await?;
         let (node, devices) = match (req.devices, req.gpu_request) {
             (Some(_), Some(_)) => {
                 return Err(bad("give either `devices` or `gpu_request`, not both"));
             }
             (None, None) => return Err(bad("give `devices` or a `gpu_request`")),
-            (Some(d), None) => (self.check_devices(&d)?, d),
+            (Some(d), None) => {
+                let node = self.check_devices(&d)?;
+                check_devices(
+                    &self.cluster,
+                    &entitled,
+                    Some(&DeviceRequest::Exact(d.clone())),
+                )?;
+                (node, d)
+            }
             (None, Some(g)) => {
                 let req = g.into_request()?;
+                check_devices(&self.cluster, &entitled, Some(&req))?;
                 if let DeviceRequest::Gpus { count, .. } = &req
                     && !(1..=MAX_DEVICES_PER_REQUEST).contains(count)
                 {

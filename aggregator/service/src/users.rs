@@ -55,6 +55,11 @@ pub struct Me {
     pub effective_quota: Quota,
     /// Devices (GPUs and MIG instances) held or claimed now.
     pub devices_held: u32,
+    /// The groups the user is in.
+    pub groups: Vec<String>,
+    /// What the user may use (from their groups, or the defaults for users in none;
+    /// unset lists: everything).
+    pub entitlements: kcloud_core::group::Entitlements,
 }
 
 /// The user use cases.
@@ -65,6 +70,7 @@ pub struct Users {
     cluster: Arc<Cluster>,
     provisioner: Arc<dyn Provisioner>,
     defaults: DefaultQuota,
+    groups: Arc<crate::groups::Groups>,
 }
 
 impl Users {
@@ -74,6 +80,7 @@ impl Users {
         cluster: Arc<Cluster>,
         provisioner: Arc<dyn Provisioner>,
         defaults: DefaultQuota,
+        groups: Arc<crate::groups::Groups>,
     ) -> Self {
         Self {
             audit: Audit::new(repo.clone()),
@@ -82,6 +89,7 @@ impl Users {
             cluster,
             provisioner,
             defaults,
+            groups,
         }
     }
 
@@ -92,7 +100,20 @@ impl Users {
             .user(&caller.name)
             .await?
             .ok_or_else(|| Error::Unauthorized("account removed".into()))?;
+        let groups = self
+            .groups
+            .of(&caller.name)
+            .await?
+            .into_iter()
+            .map(|g| g.name)
+            .collect();
+        let entitlements = self
+            .groups
+            .entitlements(&caller.name, record.user.role)
+            .await?;
         Ok(Me {
+            groups,
+            entitlements,
             devices_held: self.cluster.ledger().devices_held_by(&caller.name),
             effective_quota: record.user.quota.effective(&self.defaults),
             user: record.user,

@@ -6,6 +6,7 @@
 //! `synchronous=FULL`, so a write is on disk before the call returns.
 
 mod audit;
+mod groups;
 mod migrations;
 mod queue;
 mod reservations;

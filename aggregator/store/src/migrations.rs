@@ -230,6 +230,22 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         UNIQUE (user_name, name)
     ) STRICT;
     "#,
+    // 10: groups (a shared quota and entitlements, as JSON) and their members.
+    r#"
+    CREATE TABLE groups (
+        name          TEXT PRIMARY KEY NOT NULL,
+        description   TEXT NOT NULL DEFAULT '',
+        quota         TEXT NOT NULL,
+        entitlements  TEXT NOT NULL,
+        created_at_ms INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE group_members (
+        group_name TEXT NOT NULL REFERENCES groups (name) ON DELETE CASCADE,
+        user_name  TEXT NOT NULL REFERENCES users (name) ON DELETE CASCADE,
+        PRIMARY KEY (group_name, user_name)
+    ) STRICT, WITHOUT ROWID;
+    CREATE INDEX group_members_user ON group_members (user_name);
+    "#,
 ];
 
 /// The schema version this binary writes.

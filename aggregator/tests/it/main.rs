@@ -7,6 +7,7 @@ mod api;
 mod cluster;
 mod events;
 mod faults;
+mod groups;
 mod idle_gpus;
 mod kube;
 mod ledger;

@@ -1,6 +1,7 @@
 //! The API's route groups, one module per resource.
 
 pub(crate) mod files;
+pub(crate) mod groups;
 pub(crate) mod nodes;
 pub(crate) mod ops;
 pub(crate) mod schedule;

@@ -5,6 +5,7 @@ use axum::extract::State;
 use kcloud_common::NodeInventory;
 use std::time::Duration;
 
+use kcloud_core::group::Use;
 use kcloud_core::time::parse_duration;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -149,6 +150,23 @@ async fn list_gpus(
 ) -> Result<Json<Page<DeviceView>>, ApiError> {
     let mut page = s.cluster.devices(&q, now_ms())?;
     redact(&caller, &mut page.items);
+    // Marks what the caller's groups may not use (the picker greys it out).
+    let e = s
+        .servers
+        .groups()
+        .entitlements(&caller.name, caller.role)
+        .await?;
+    if e != Default::default() {
+        for d in &mut page.items {
+            let ok = e.allows(Use::Model(&d.model))
+                && d.profile
+                    .as_deref()
+                    .is_none_or(|p| e.allows(Use::MigProfile(p)));
+            if !ok {
+                d.entitled = Some(false);
+            }
+        }
+    }
     Ok(Json(page))
 }
 

@@ -36,6 +36,7 @@ use kcloud_core::{Error, Result, now_ms};
 use kcloud_provision::{Exits, LogStream, Provisioner};
 
 use crate::audit::Audit;
+use crate::groups::Groups;
 use crate::locks::OwnerLocks;
 use crate::notify::Notifier;
 use crate::usage::UsageLedger;
@@ -157,6 +158,7 @@ pub struct Servers {
     warned: std::sync::Mutex<std::collections::HashSet<(String, String, u64)>>,
     /// Idle-GPU windows, warnings and "keep" answers.
     idle: std::sync::Mutex<gpu_idle::IdleBook>,
+    groups: Arc<Groups>,
 }
 
 /// Releases the devices of servers that end by themselves (given to the provisioner),
@@ -227,6 +229,7 @@ impl Servers {
             audit: Audit::new(repo.clone()),
             notifier: Notifier::new(settings.notifications.webhook_url.clone()),
             usage: UsageLedger::new(repo.clone(), cluster.clone()),
+            groups: Groups::new(repo.clone(), settings.clone()),
             repo,
             cluster,
             provisioner,
@@ -242,6 +245,11 @@ impl Servers {
     /// The usage ledger (reports).
     pub fn usage(&self) -> &Arc<UsageLedger> {
         &self.usage
+    }
+
+    /// Groups and entitlements.
+    pub fn groups(&self) -> &Arc<Groups> {
+        &self.groups
     }
 
     /// Finds the servers that exist (adopting live ones) and rebuilds the ledger from
@@ -382,6 +390,10 @@ impl Servers {
         claimed: Option<Claim>,
     ) -> std::result::Result<Server, NotLaunched> {
         let user = owner.name.as_str();
+        self.check_entitled(user, owner.role, plan).await?;
+        let needs_devices = plan.devices.is_some() || plan.reservation.is_some();
+        // Held until the launch is done: members of a group launch one at a time.
+        let _groups = self.check_group_quotas(user, plan, needs_devices).await?;
         let mine = self.provisioner.list(Some(user));
         let quota = owner.quota.effective(&self.settings.default_quota);
         quota.check(
@@ -398,7 +410,6 @@ impl Servers {
             .volumes
             .resolve_mounts(user, owner.role, plan.mounts.clone(), &mine)
             .await?;
-        let needs_devices = plan.devices.is_some() || plan.reservation.is_some();
         if let (Some(max), true) = (quota.gpu_hours_per_month, needs_devices) {
             let used = self.usage.this_month(user).await?;
             if used >= f64::from(max) {
@@ -935,6 +946,7 @@ pub(crate) fn validate(settings: &Settings, req: CreateServer) -> Result<Plan> {
 }
 
 mod gpu_idle;
+mod groups;
 mod queue;
 mod schedule;
 
