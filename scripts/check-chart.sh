@@ -190,7 +190,8 @@ for obj in docs:
                    "toleration": struct_fields(src, "Toleration"),
                    "queue": struct_fields(src, "QueueSettings"),
                    "reservations": struct_fields(src, "ReservationSettings"),
-                   "culling": struct_fields(src, "Culling")}
+                   "culling": struct_fields(src, "Culling"),
+                   "oidc": struct_fields(src, "OidcSettings")}
         def known(table, where, keys):
             for key in keys:
                 if key not in allowed[table]:
@@ -199,6 +200,7 @@ for obj in docs:
         known("queue", "queue", settings.get("queue", {}))
         known("reservations", "reservations", settings.get("reservations", {}))
         known("culling", "culling", settings.get("culling", {}))
+        known("oidc", "oidc", settings.get("oidc", {}))
         kube = settings.get("kubernetes", {})
         known("kubernetes", "kubernetes", kube)
         known("pinning", "kubernetes.pinning", kube.get("pinning", {}))

@@ -87,6 +87,11 @@ pub async fn build_with(config: &Config, kube_client: Option<kube::Client>) -> R
         AuthConfig {
             access_ttl: config.access_ttl,
             refresh_ttl: config.refresh_ttl,
+            local_accounts: settings
+                .oidc
+                .as_ref()
+                .map(|o| o.local_accounts)
+                .unwrap_or_default(),
         },
     ));
     if let Some(password) = auth
@@ -224,6 +229,10 @@ pub async fn build_with(config: &Config, kube_client: Option<kube::Client>) -> R
         )?)),
         None => None,
     };
+    let oidc = match &settings.oidc {
+        Some(o) => Some(Arc::new(kcloud_service::auth::Oidc::new(o.clone())?)),
+        None => None,
+    };
     let state = AppState {
         auth,
         users,
@@ -240,6 +249,7 @@ pub async fn build_with(config: &Config, kube_client: Option<kube::Client>) -> R
         prometheus,
         upstream: http_client(),
         feed: Default::default(),
+        oidc,
     };
     let (router, _) = kcloud_http::router(state.clone());
     Ok(App {

@@ -51,6 +51,91 @@ pub struct Settings {
     pub notifications: NotificationSettings,
     /// What users in no group may use (`[entitlements]`; unset: everything).
     pub entitlements: crate::group::Entitlements,
+    /// Single sign-on through an OpenID Connect provider (`[oidc]`); off unless set.
+    pub oidc: Option<OidcSettings>,
+}
+
+/// Who may sign in with a password when single sign-on is on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LocalAccounts {
+    /// Everyone with a password (the default).
+    #[default]
+    All,
+    /// Admins only: a break-glass way in when the provider is down.
+    Admins,
+    /// Nobody: single sign-on only.
+    Off,
+}
+
+/// `[oidc]`: sign-in through an OpenID Connect provider (authorization code flow with
+/// PKCE). The client secret is read from `client_secret_file` or the environment
+/// variable `KCLOUD_OIDC_CLIENT_SECRET`, never from this file.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OidcSettings {
+    /// The provider's issuer URL (discovery is `{issuer}/.well-known/openid-configuration`).
+    pub issuer: String,
+    pub client_id: String,
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub client_secret_file: Option<PathBuf>,
+    /// This aggregator's callback as registered with the provider:
+    /// `https://kcloud.example.org/api/v1/auth/oidc/callback`.
+    pub redirect_url: String,
+    /// "Sign in with {display_name}".
+    #[serde(default = "default_display_name")]
+    pub display_name: String,
+    /// The claim that names the user (made a valid kcloud user name).
+    #[serde(default = "default_username_claim")]
+    pub username_claim: String,
+    /// The claim listing the user's groups: members of the kcloud groups of those names.
+    #[serde(default = "default_groups_claim")]
+    pub groups_claim: String,
+    /// Groups (in the claim) whose members are kcloud admins; empty: roles are not
+    /// taken from the provider.
+    #[serde(default)]
+    pub admin_groups: Vec<String>,
+    #[serde(default = "default_scopes")]
+    pub scopes: Vec<String>,
+    #[serde(default)]
+    pub local_accounts: LocalAccounts,
+}
+
+fn default_display_name() -> String {
+    "single sign-on".into()
+}
+fn default_username_claim() -> String {
+    "preferred_username".into()
+}
+fn default_groups_claim() -> String {
+    "groups".into()
+}
+fn default_scopes() -> Vec<String> {
+    ["openid", "profile", "email", "groups"]
+        .map(String::from)
+        .to_vec()
+}
+
+impl OidcSettings {
+    fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(Error::Config(format!("[oidc] {m}")));
+        let url_ok = |u: &str| u.starts_with("https://") || u.starts_with("http://");
+        if !url_ok(&self.issuer) {
+            return bad("issuer must be an http(s) URL");
+        }
+        if !url_ok(&self.redirect_url) || !self.redirect_url.ends_with("/api/v1/auth/oidc/callback")
+        {
+            return bad("redirect_url must be this aggregator's .../api/v1/auth/oidc/callback");
+        }
+        if self.client_id.is_empty() {
+            return bad("client_id must be set");
+        }
+        if !self.scopes.iter().any(|s| s == "openid") {
+            return bad("scopes must include openid");
+        }
+        Ok(())
+    }
 }
 
 /// A duration in a settings file: `"30m"`, `"7d"`, or seconds.
@@ -582,6 +667,9 @@ impl Settings {
         s.profiles = profiles;
         s.culling.schedule()?;
         s.culling.gpu_idle()?;
+        if let Some(o) = &s.oidc {
+            o.validate()?;
+        }
         s.local.validate()?;
         let k = &s.kubernetes;
         if k.run_as_user <= 0 || k.run_as_group < 0 {

@@ -83,12 +83,15 @@ pub struct AppState {
     pub trusted_proxies: Arc<[IpNet]>,
     /// The live streams' shared producer.
     pub feed: Arc<events::Feed>,
+    /// Single sign-on, when `[oidc]` is configured.
+    pub oidc: Option<Arc<kcloud_service::auth::Oidc>>,
 }
 
 /// The whole API and its OpenAPI description.
 pub fn router(state: AppState) -> (Router, OpenApi) {
     let (router, mut api) = OpenApiRouter::new()
         .merge(routes::session::routes())
+        .merge(routes::sso::routes())
         .merge(routes::users::routes())
         .merge(routes::nodes::routes())
         .merge(routes::ops::routes())

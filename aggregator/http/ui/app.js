@@ -25,7 +25,24 @@ function signInPage(message) {
       pass.select();
     }
   });
+  // Single sign-on, when configured: a button first; the password form stays for
+  // local accounts unless they are off.
+  api('GET', '/api/v1/auth/providers').then((p) => {
+    if (!p.oidc) return;
+    const sso = h('a', { class: 'button primary sso', href: p.oidc.login_url }, `Sign in with ${p.oidc.name}`);
+    form.querySelector('h2').after(h('p', {}, sso));
+    if (p.local === 'off') for (const el of form.querySelectorAll('.field, button[type=submit]')) el.hidden = true;
+  }).catch(() => {});
   return form;
+}
+
+// A single sign-on that failed comes back as /?sso_error=...: shown once, then dropped
+// from the address bar.
+function ssoError() {
+  const params = new URLSearchParams(location.search);
+  const e = params.get('sso_error');
+  if (e) history.replaceState(null, '', location.pathname + location.hash);
+  return e ? `Single sign-on failed: ${e}` : '';
 }
 
 function showSignIn(message) {
@@ -46,7 +63,7 @@ async function start() {
   try {
     me = await api('GET', '/api/v1/me');
   } catch (e) {
-    if (e instanceof ApiError && e.status === 401) { showSignIn(); return; }
+    if (e instanceof ApiError && e.status === 401) { showSignIn(ssoError()); return; }
     main.replaceChildren(h('p', { class: 'form-error' }, `Cannot reach kcloud: ${e.message}`));
     return;
   }

@@ -238,6 +238,39 @@ impl Groups {
             .await
     }
 
+    /// Makes `user` a member of exactly the existing groups named in `names` (single
+    /// sign-on: memberships follow the provider's groups claim). Returns the groups
+    /// the user is in now.
+    pub async fn sync_member(&self, user: &str, names: &[String]) -> Result<Vec<String>> {
+        let mut now_in = Vec::new();
+        for g in self.repo.groups().await? {
+            let want = names.contains(&g.name);
+            let is = g.members.iter().any(|m| m == user);
+            if want != is {
+                let patch = GroupPatch {
+                    add_members: if want { vec![user.to_owned()] } else { vec![] },
+                    remove_members: if want { vec![] } else { vec![user.to_owned()] },
+                    ..GroupPatch::default()
+                };
+                self.repo.update_group(&g.name, patch).await?;
+                self.audit
+                    .record_system(
+                        "group_update",
+                        g.name.clone(),
+                        format!(
+                            "{}=[{user}] (single sign-on groups claim)",
+                            if want { "add" } else { "remove" }
+                        ),
+                    )
+                    .await?;
+            }
+            if want {
+                now_in.push(g.name);
+            }
+        }
+        Ok(now_in)
+    }
+
     /// The groups `user` is in.
     pub async fn of(&self, user: &str) -> Result<Vec<Group>> {
         self.repo.groups_of(user).await

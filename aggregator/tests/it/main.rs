@@ -20,6 +20,7 @@ mod queue;
 mod sandbox;
 mod servers;
 mod sessions;
+mod sso;
 mod storage;
 mod store_auth;
 mod tokens;

@@ -15,6 +15,7 @@
 pub mod cluster;
 pub mod fake_kube;
 pub mod fake_nvml;
+pub mod oidc;
 pub mod process;
 pub mod tools;
 

@@ -7,6 +7,7 @@ pub(crate) mod ops;
 pub(crate) mod schedule;
 pub(crate) mod servers;
 pub(crate) mod session;
+pub(crate) mod sso;
 pub(crate) mod tokens;
 pub(crate) mod usage;
 pub(crate) mod users;

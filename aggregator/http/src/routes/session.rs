@@ -133,6 +133,25 @@ fn append_cookie(resp: &mut Response, value: &str) {
 /// the access token (HttpOnly), the refresh token (HttpOnly, SameSite=Strict), and a
 /// random CSRF token the page reads and echoes in `X-CSRF-Token`.
 fn with_session_cookies(s: &AppState, session: Session) -> Response {
+    let cookies = session_cookies(s, &session);
+    let mut resp = Json(session).into_response();
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    for c in cookies {
+        append_cookie(&mut resp, &c);
+    }
+    resp
+}
+
+/// The session's cookies (see [`with_session_cookies`]) on another response: single
+/// sign-on's redirect back to the portal.
+pub(crate) fn add_session_cookies(s: &AppState, session: &Session, resp: &mut Response) {
+    for c in session_cookies(s, session) {
+        append_cookie(resp, &c);
+    }
+}
+
+fn session_cookies(s: &AppState, session: &Session) -> [String; 3] {
     let secure = if s.secure_cookies { "; Secure" } else { "" };
     let name = |base| portal_cookie(s.secure_cookies, base);
     let access_age = session.expires_in;
@@ -140,7 +159,7 @@ fn with_session_cookies(s: &AppState, session: Session) -> Response {
     let csrf = random_token();
     // `__Host-` requires `Path=/`, so the refresh cookie is not path-scoped: HttpOnly
     // and SameSite=Strict keep it, and the proxy never forwards kcloud's cookies.
-    let cookies = [
+    [
         format!(
             "{}={}; Path=/; Max-Age={access_age}; HttpOnly; SameSite=Lax{secure}",
             name(ACCESS_COOKIE),
@@ -155,14 +174,7 @@ fn with_session_cookies(s: &AppState, session: Session) -> Response {
             "{}={csrf}; Path=/; Max-Age={refresh_age}; SameSite=Strict{secure}",
             name(CSRF_COOKIE)
         ),
-    ];
-    let mut resp = Json(session).into_response();
-    resp.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    for c in cookies {
-        append_cookie(&mut resp, &c);
-    }
-    resp
+    ]
 }
 
 /// The signed-in user, their effective quota and what they hold.

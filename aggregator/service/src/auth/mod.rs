@@ -5,6 +5,7 @@
 
 mod keys;
 mod limiter;
+mod oidc;
 mod passwords;
 #[cfg(test)]
 mod tests;
@@ -29,6 +30,7 @@ use kcloud_core::{Error, Result, now_ms};
 
 pub use keys::{MIN_SIGNING_KEY_BYTES, SigningKey};
 pub use limiter::{RateLimiter, client_key};
+pub use oidc::{Identity, Oidc, user_name_from};
 pub use passwords::{
     Hasher, MAX_PASSWORD_BYTES, MIN_PASSWORD_BYTES, hash_password, validate_password,
     verify_password,
@@ -96,6 +98,8 @@ pub struct Claims {
 pub struct AuthConfig {
     pub access_ttl: Duration,
     pub refresh_ttl: Duration,
+    /// Who may sign in with a password (single sign-on can turn it off).
+    pub local_accounts: kcloud_core::settings::LocalAccounts,
 }
 
 impl Default for AuthConfig {
@@ -103,6 +107,7 @@ impl Default for AuthConfig {
         AuthConfig {
             access_ttl: Duration::from_secs(15 * 60),
             refresh_ttl: Duration::from_secs(7 * 24 * 60 * 60),
+            local_accounts: Default::default(),
         }
     }
 }
@@ -258,7 +263,22 @@ impl Auth {
             None => Some("unknown user"),
             Some(_) if !matched => Some("wrong password"),
             Some(r) if r.user.disabled => Some("account disabled"),
-            Some(_) => None,
+            Some(r) => {
+                use kcloud_core::settings::LocalAccounts;
+                // Told apart only after a correct password: the answer says nothing
+                // about accounts to someone guessing.
+                let refused = match self.config.local_accounts {
+                    LocalAccounts::All => false,
+                    LocalAccounts::Admins => r.user.role != Role::Admin,
+                    LocalAccounts::Off => true,
+                };
+                if refused {
+                    return Err(Error::Forbidden(
+                        "password sign-in is off here: use single sign-on".into(),
+                    ));
+                }
+                None
+            }
         };
         if let Some(reason) = failure {
             // The attempted name is recorded only when it is a real user: people type
