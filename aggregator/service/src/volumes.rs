@@ -202,6 +202,33 @@ impl Volumes {
                 "volume quota exceeded: {owner} has {count} of {max_count} volumes"
             )));
         }
+        // Groups with a storage quota: their members' volumes together, under each
+        // group's lock (members create one at a time; the user's own quota is checked
+        // by the store, in the insert's transaction).
+        let mut _groups = Vec::new();
+        for g in self.repo.groups_of(owner).await? {
+            let Some(max) = g.quota.storage_bytes else {
+                continue;
+            };
+            _groups.push(self.locks.lock(&format!("group:{}", g.name)).await);
+            let mut used = 0u64;
+            for m in &g.members {
+                used += self
+                    .repo
+                    .volumes(Some(m))
+                    .await?
+                    .iter()
+                    .map(|v| v.size_bytes)
+                    .sum::<u64>();
+            }
+            if used.saturating_add(size_bytes) > max {
+                return Err(Error::QuotaExceeded(format!(
+                    "storage quota exceeded: group {} uses {used} of {max} bytes and asked \
+                     for {size_bytes} more",
+                    g.name
+                )));
+            }
+        }
         let row = VolumeRow {
             owner: owner.to_owned(),
             name: req.name,

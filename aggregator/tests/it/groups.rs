@@ -226,6 +226,36 @@ async fn groups_share_quotas_and_decide_what_members_may_use() {
     let (st, body) = create(&app, &admin, "admin", sleeper("adm", json!([three_g[0]]))).await;
     assert_eq!(st, StatusCode::CREATED, "{body}");
 
+    // Storage: the group's volumes together.
+    let r = app
+        .call(
+            Method::PATCH,
+            "/api/v1/groups/lab-a",
+            Some(&admin),
+            Some(json!({"quota": {"gpus": 2, "servers": 3, "storage_bytes": 3_000_000}})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    for (who, user, name, want) in [
+        (&alice, "alice", "v1", StatusCode::CREATED),
+        (&carol, "carol", "v2", StatusCode::TOO_MANY_REQUESTS),
+        (&carol, "carol", "v3", StatusCode::CREATED),
+    ] {
+        let size = if name == "v3" { "1000000" } else { "2000000" };
+        let r = app
+            .call(
+                Method::POST,
+                &format!("/api/v1/users/{user}/volumes"),
+                Some(who),
+                Some(json!({"name": name, "size": size})),
+            )
+            .await;
+        assert_eq!(r.status, want, "{user}/{name}: {}", r.body);
+        if want == StatusCode::TOO_MANY_REQUESTS {
+            assert!(message(&r.body).contains("group lab-a"), "{}", r.body);
+        }
+    }
+
     // A user in no group gets the settings' [entitlements].
     let r = app
         .call(
