@@ -21,7 +21,7 @@ echo "==> Helm chart: lint, render, validate ($0)"
 CHART=charts/kcloud
 K8S_OLDEST=1.33.0
 # Custom resources whose schemas live in their operators' CRDs, not in Kubernetes'.
-SKIP_KINDS="monitoring.coreos.com/ServiceMonitor"
+SKIP_KINDS="monitoring.coreos.com/ServiceMonitor monitoring.coreos.com/PrometheusRule"
 
 apt_install() {
   echo "==> installing: $*"
@@ -354,6 +354,24 @@ dashboard() {
 check "bad values are refused" bad_values
 check "users' origins: wildcard Ingress and environment" user_origins
 check "dashboard queries parse (promtool)" dashboard
+# The alert rules as the chart renders them, and their unit tests.
+alerts() {
+  python3 - "$WORK/servicemonitor-values.yaml" "$WORK/alerts.yaml" <<'PY' &&
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+rules = [d for d in docs if d["kind"] == "PrometheusRule"]
+assert len(rules) == 1, "one PrometheusRule"
+names = [r["alert"] for g in rules[0]["spec"]["groups"] for r in g["rules"]]
+for want in ["KcloudAgentDown", "KcloudNvmlDown", "KcloudGpuLost", "KcloudNodeStale",
+             "KcloudAllocationNearCapacity", "KcloudQueueWaitLong", "KcloudAllocatedIdleGpus"]:
+    assert want in names, f"{want} missing from {names}"
+yaml.safe_dump(rules[0]["spec"], open(sys.argv[2], "w"))
+print(f"    {len(names)} alerts rendered")
+PY
+    promtool check rules "$WORK/alerts.yaml" &&
+    (cd "$CHART/tests" && promtool test rules alerts-test.yaml)
+}
+check "alert rules render, parse and pass their unit tests (promtool)" alerts
 
 echo "chart: $passed passed, $failed failed"
 ((failed == 0))

@@ -70,6 +70,19 @@ pub struct Metrics {
     oldest_inventory: Gauge<f64, AtomicU64>,
     allocated: Family<AllocationLabels, Gauge>,
     gpu_hours: Family<UsageLabels, Counter<f64, AtomicU64>>,
+    queued: Gauge,
+    oldest_wait: Gauge<f64, AtomicU64>,
+    gpu_idle_servers: Gauge,
+}
+
+/// What the servers' use cases know at a scrape: the wait queue and idle GPUs.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ServerGauges {
+    pub queued: usize,
+    /// How long the longest-waiting request has waited, in seconds.
+    pub oldest_wait_s: f64,
+    /// Running servers whose every device reads idle now (idle-GPU reclaim on).
+    pub gpu_idle_servers: usize,
 }
 
 impl Default for Metrics {
@@ -95,6 +108,9 @@ impl Metrics {
             oldest_inventory: Gauge::default(),
             allocated: Family::default(),
             gpu_hours: Family::default(),
+            queued: Gauge::default(),
+            oldest_wait: Gauge::default(),
+            gpu_idle_servers: Gauge::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -149,6 +165,22 @@ impl Metrics {
              GPUs); running servers counted up to the scrape.",
             m.gpu_hours.clone(),
         );
+        r.register(
+            "kcloud_queue_requests",
+            "Requests waiting in the queue for devices.",
+            m.queued.clone(),
+        );
+        r.register(
+            "kcloud_queue_oldest_wait_seconds",
+            "How long the longest-waiting queued request has waited (0: none waits).",
+            m.oldest_wait.clone(),
+        );
+        r.register(
+            "kcloud_servers_gpu_idle",
+            "Running servers whose every device reads under the idle threshold now \
+             ([culling] gpu_idle_*; 0 when idle-GPU reclaim is off).",
+            m.gpu_idle_servers.clone(),
+        );
         m
     }
 
@@ -178,8 +210,17 @@ impl Metrics {
     }
 
     /// Refreshes the scrape-time series from the inventory and ledger, then encodes.
-    pub fn render(&self, cluster: &Cluster, usage: &[UsageTotal], now_ms: u64) -> String {
+    pub fn render(
+        &self,
+        cluster: &Cluster,
+        usage: &[UsageTotal],
+        servers: ServerGauges,
+        now_ms: u64,
+    ) -> String {
         let _guard = self.render.lock().unwrap_or_else(|e| e.into_inner());
+        self.queued.set(servers.queued as i64);
+        self.oldest_wait.set(servers.oldest_wait_s);
+        self.gpu_idle_servers.set(servers.gpu_idle_servers as i64);
         let counts = cluster.counts(now_ms);
         self.nodes
             .get_or_create(&StateLabels { state: "fresh" })

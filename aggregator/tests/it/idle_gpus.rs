@@ -153,6 +153,16 @@ async fn idle_gpus_are_warned_then_reclaimed_busy_exempt_and_unknown_are_kept() 
     };
     assert!(warned["ends_because"].as_str().unwrap().contains("idle"));
     assert_eq!(warned["status"], "running");
+    // The idle servers are counted on /metrics (alice's idle and bob's kept so far).
+    let metrics = app.call(Method::GET, "/metrics", None, None).await.body;
+    let idle_now: i64 = metrics
+        .as_str()
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("kcloud_servers_gpu_idle "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("kcloud_servers_gpu_idle on /metrics");
+    assert!(idle_now >= 1, "{idle_now}");
 
     // Bob keeps "kept" once; the second keep of the day is refused.
     loop {

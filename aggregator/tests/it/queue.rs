@@ -170,6 +170,14 @@ async fn requests_wait_in_fair_order_with_backfill_and_start_when_devices_free()
     assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
     // Fair share: bob has used nothing, alice has: bob is first.
     assert_eq!(r.body["queue_position"], 1, "{:?}", r.body);
+    // Both waiting are on /metrics (the alert on long waits reads the oldest).
+    let metrics = app.call(Method::GET, "/metrics", None, None).await.body;
+    let metrics = metrics.as_str().unwrap();
+    assert!(
+        metrics.lines().any(|l| l == "kcloud_queue_requests 2"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("kcloud_queue_oldest_wait_seconds "));
     assert_eq!(
         server(&app, &alice, "alice", "a1").await.body["queue_position"],
         2

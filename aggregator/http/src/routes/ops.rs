@@ -57,7 +57,14 @@ async fn metrics(State(s): State<AppState>) -> Response {
             Vec::new()
         }
     };
-    let body = s.metrics.render(&s.cluster, &usage, kcloud_core::now_ms());
+    let now = kcloud_core::now_ms();
+    let (queued, oldest) = s.servers.queue_stats();
+    let gauges = crate::metrics::ServerGauges {
+        queued,
+        oldest_wait_s: oldest.map_or(0.0, |t| now.saturating_sub(t) as f64 / 1000.0),
+        gpu_idle_servers: s.servers.gpu_idle_count(),
+    };
+    let body = s.metrics.render(&s.cluster, &usage, gauges, now);
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response()
 }
 

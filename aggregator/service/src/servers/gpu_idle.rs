@@ -89,6 +89,11 @@ impl Servers {
         out
     }
 
+    /// Servers in an idle window now (for `/metrics`).
+    pub fn gpu_idle_count(&self) -> usize {
+        self.idle_book().since.len()
+    }
+
     /// The idle window of `server`, if reclaim is on and all its devices read idle.
     pub fn idle_window(&self, server: &Server) -> Option<IdleWindow> {
         let cfg = self.gpu_idle_settings()?;

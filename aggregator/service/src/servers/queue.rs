@@ -255,6 +255,15 @@ impl Servers {
             .map(place)
     }
 
+    /// How many requests wait, and since when the longest one has.
+    pub fn queue_stats(&self) -> (usize, Option<u64>) {
+        let st = self.queue.state();
+        (
+            st.entries.len(),
+            st.entries.iter().map(|e| e.stored.enqueued_at_ms).min(),
+        )
+    }
+
     /// The queue as `caller` may see it: their own entries; an admin's: all, with the
     /// fair-share scores. In fair order.
     pub fn queue(&self, caller: &Caller) -> Vec<QueueItem> {
