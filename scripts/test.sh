@@ -90,8 +90,18 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked --quiet cargo-nextest
 fi
 
+# cargo-deny: licenses, bans and sources of every dependency (deny.toml).
+if ! cargo deny --version >/dev/null 2>&1; then
+  echo "==> installing: cargo-deny (cargo install)"
+  cargo install --locked --quiet cargo-deny
+fi
+
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
+
+echo "==> cargo deny check licenses bans sources"
+# Advisories need the RustSec database from GitHub, which these machines cannot reach.
+cargo deny --log-level error check licenses bans sources
 
 echo "==> cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
