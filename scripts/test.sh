@@ -64,9 +64,11 @@ if ! command -v kubernetes-validate >/dev/null; then
   }
 fi
 
-# playwright-core for the portal's browser test, pinned by tests/browser/package-lock.json.
-if [ ! -d tests/browser/node_modules/playwright-core ]; then
-  echo "==> installing: playwright-core (npm ci in tests/browser)"
+# playwright-core and axe-core for the portal's browser test, pinned by
+# tests/browser/package-lock.json.
+if [ ! -d tests/browser/node_modules/playwright-core ] ||
+  [ ! -d tests/browser/node_modules/@axe-core/playwright ]; then
+  echo "==> installing: playwright-core, @axe-core/playwright (npm ci in tests/browser)"
   (cd tests/browser && npm ci --no-audit --no-fund --silent)
 fi
 

@@ -5,6 +5,7 @@
 // Environment: KCLOUD_URL, KCLOUD_ADMIN_USER, KCLOUD_ADMIN_PASSWORD, SCREENSHOTS (a
 // folder). Exits non-zero, with the reason, on the first failed step.
 import { chromium } from 'playwright-core';
+import AxeBuilder from '@axe-core/playwright';
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 
@@ -26,9 +27,19 @@ async function shot(name) {
   const file = join(shots, `${String(step).padStart(2, '0')}-${name}.png`);
   await page.screenshot({ path: file, fullPage: true });
   console.log(`step ${step}: ${name} (${file})`);
+  await a11y(name);
 }
 function check(cond, msg) {
   if (!cond) throw new Error(`check failed: ${msg}`);
+}
+// Accessibility: axe-core on a page as it is now; serious and critical violations
+// are collected and fail the walk at its end (all of them listed, not just the first).
+const a11yProblems = [];
+async function a11y(name) {
+  const { violations } = await new AxeBuilder({ page }).analyze();
+  for (const v of violations.filter((x) => x.impact === 'serious' || x.impact === 'critical')) {
+    a11yProblems.push(`${name}: ${v.id} (${v.impact}) ${v.help}: ${v.nodes.slice(0, 3).map((n) => n.target.join(' ')).join(' | ')}`);
+  }
 }
 
 const browser = await chromium.launch({
@@ -331,6 +342,7 @@ try {
   await page.locator('ul.tokens li.muted', { hasText: 'No tokens' }).waitFor();
   check(await withToken(secret) === 401, 'a revoked token is refused at once');
 
+  check(a11yProblems.length === 0, `no serious or critical accessibility violations (axe-core):\n${a11yProblems.join('\n')}`);
   check(consoleErrors.length === 0, `no console errors: ${consoleErrors.join(' | ')}`);
   console.log('PORTAL OK');
 } catch (e) {
