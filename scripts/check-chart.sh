@@ -305,7 +305,7 @@ for shape in "${shapes[@]}"; do
   args=()
   [[ $shape == default ]] || args=(--values "$shape")
   out="$WORK/$label.yaml"
-  check "$label: helm lint --strict" "$HELM" lint --strict --with-subcharts "$CHART" "${args[@]}"
+  check "$label: helm lint --strict" "$HELM" lint --strict "$CHART" "${args[@]}"
   if check "$label: helm template" render "$out" "${args[@]}"; then
     check "$label: Kubernetes $K8S_OLDEST schemas (strict)" \
       python3 "$WORK/validate.py" "$K8S_OLDEST" "$out" "$SKIP_KINDS"
@@ -327,7 +327,13 @@ bad_values() {
     refused --set 'aggregator.nfsShares[0].name=x' &&
     refused --set 'aggregator.userOrigins.pattern=https://users.example.org' &&
     refused --set 'aggregator.userOrigins.pattern=https://{user}.x.org/path' &&
-    refused --set 'aggregator.trustedProxies[0]=ingress-nginx'
+    refused --set 'aggregator.trustedProxies[0]=ingress-nginx' &&
+    refused --set aggregator.tpyo=1 &&
+    refused --set aggregator.logFormat=xml &&
+    refused --set agent.interval=soon &&
+    refused --set aggregator.oidc.localAccounts=maybe &&
+    refused --set 'aggregator.kubernetes.pinning.tolerations[0].operator=Exists' \
+      --set 'aggregator.kubernetes.pinning.tolerations[0].value=x'
 }
 # The users' origins: the wildcard Ingress and the variables the binary reads.
 user_origins() {
@@ -351,6 +357,8 @@ dashboard() {
   python3 "$WORK/dashboard.py" "$CHART/dashboards/kcloud-gpus.json" "$WORK/rules.yaml" &&
     promtool check rules "$WORK/rules.yaml"
 }
+check "values.schema.json files are what scripts/chart-schema.py writes" \
+  python3 scripts/chart-schema.py --check
 check "bad values are refused" bad_values
 check "users' origins: wildcard Ingress and environment" user_origins
 check "dashboard queries parse (promtool)" dashboard

@@ -92,75 +92,16 @@ no fixed default anywhere. Called with (dict "ctx" . "name" NAME "key" KEY "leng
 {{- toJson (toString .) -}}
 {{- end -}}
 
-{{/* Checks on values the binary would otherwise refuse at start, with a clear message. */}}
+{{/* Checks a schema cannot express (values.schema.json holds the rest: types, enums,
+     patterns, minimums, unknown keys), on values the binary would otherwise refuse at
+     start. */}}
 {{- define "kcloud-aggregator.validate" -}}
-{{- $mode := .Values.kubernetes.pinning.mode -}}
-{{- if not (has $mode (list "env" "dra")) -}}
-{{- fail (printf "kubernetes.pinning.mode must be env or dra, not %q" $mode) -}}
-{{- end -}}
 {{- range $i, $t := .Values.kubernetes.pinning.tolerations -}}
-{{- if not (has ($t.operator | default "Equal") (list "Equal" "Exists")) -}}
-{{- fail (printf "kubernetes.pinning.tolerations[%d].operator must be Equal or Exists" $i) -}}
-{{- end -}}
-{{- if and $t.effect (not (has $t.effect (list "NoSchedule" "PreferNoSchedule" "NoExecute"))) -}}
-{{- fail (printf "kubernetes.pinning.tolerations[%d].effect must be NoSchedule, PreferNoSchedule or NoExecute" $i) -}}
-{{- end -}}
 {{- if and (eq ($t.operator | default "Equal") "Exists") $t.value -}}
 {{- fail (printf "kubernetes.pinning.tolerations[%d]: operator Exists takes no value" $i) -}}
 {{- end -}}
 {{- if and (not $t.key) (ne ($t.operator | default "Equal") "Exists") -}}
 {{- fail (printf "kubernetes.pinning.tolerations[%d]: without a key, operator must be Exists" $i) -}}
-{{- end -}}
-{{- end -}}
-{{- if not .Values.kubernetes.images -}}
-{{- fail "kubernetes.images: at least one image (the first is the default)" -}}
-{{- end -}}
-{{- if or (le (int64 .Values.kubernetes.runAsUser) 0) (lt (int64 .Values.kubernetes.runAsGroup) 0) -}}
-{{- fail "kubernetes.runAsUser must be > 0 (servers never run as root), runAsGroup >= 0" -}}
-{{- end -}}
-{{- if not (has .Values.provisioner (list "kubernetes" "local")) -}}
-{{- fail (printf "provisioner must be kubernetes or local, not %q" .Values.provisioner) -}}
-{{- end -}}
-{{- range $k, $v := .Values.settings.default_quota -}}
-{{- if not (has $k (list "gpus" "servers" "cpu_millis" "memory_bytes")) -}}
-{{- fail (printf "settings.default_quota.%s: unknown (gpus, servers, cpu_millis, memory_bytes)" $k) -}}
-{{- end -}}
-{{- end -}}
-{{- range $name, $p := .Values.settings.presets -}}
-{{- if not (regexMatch "^[A-Za-z0-9_-]+$" $name) -}}
-{{- fail (printf "settings.presets.%s: names are letters, digits, '-' and '_'" $name) -}}
-{{- end -}}
-{{- range $k, $_ := $p -}}
-{{- if not (has $k (list "cpu_millis" "memory_bytes" "description")) -}}
-{{- fail (printf "settings.presets.%s.%s: unknown (cpu_millis, memory_bytes, description)" $name $k) -}}
-{{- end -}}
-{{- end -}}
-{{- if or (le (int64 ($p.cpu_millis | default 0)) 0) (lt (int64 ($p.memory_bytes | default 0)) 67108864) -}}
-{{- fail (printf "settings.presets.%s: cpu_millis must be > 0 and memory_bytes >= 64 MiB (67108864)" $name) -}}
-{{- end -}}
-{{- end -}}
-{{- with .Values.userOrigins.pattern -}}
-{{- if not (regexMatch "^https?://\\{user\\}\\.[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?(:([0-9]+|\\{port\\}))?/?$" .) -}}
-{{- fail (printf "userOrigins.pattern %q: http(s)://{user}.<host>[:port], e.g. https://{user}.users.kcloud.example.org" .) -}}
-{{- end -}}
-{{- end -}}
-{{- range $i, $p := .Values.trustedProxies -}}
-{{- if not (regexMatch "^[0-9A-Fa-f.:]+(/[0-9]{1,3})?$" $p) -}}
-{{- fail (printf "trustedProxies[%d] %q: an IP address or CIDR" $i $p) -}}
-{{- end -}}
-{{- end -}}
-{{- range $i, $s := .Values.nfsShares -}}
-{{- if not (and $s.name $s.server $s.path) -}}
-{{- fail (printf "nfsShares[%d]: name, server and path are required" $i) -}}
-{{- end -}}
-{{- if not (regexMatch "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$" $s.name) -}}
-{{- fail (printf "nfsShares[%d].name %q: a DNS label (lower case, digits, '-')" $i $s.name) -}}
-{{- end -}}
-{{- if not (hasPrefix "/" $s.path) -}}
-{{- fail (printf "nfsShares[%d].path %q: must be absolute" $i $s.path) -}}
-{{- end -}}
-{{- if gt (len $s.name) 57 -}}
-{{- fail (printf "nfsShares[%d].name %q: at most 57 characters (the pod volume is share-<name>)" $i $s.name) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
