@@ -30,11 +30,13 @@ pub struct UsageQuery {
     /// Last day included (default: today); at most 400 days after `from`.
     pub to: Option<String>,
     /// `user` (default), `model`, `node` or `day`.
+    #[param(inline)]
     pub group_by: Option<GroupBy>,
     /// Admins: one user's usage.
     pub user: Option<String>,
     /// `csv` for CSV whatever `Accept` says (a link in a browser); default JSON, or
     /// CSV with `Accept: text/csv`.
+    #[param(inline)]
     pub format: Option<Format>,
 }
 
@@ -96,6 +98,7 @@ pub struct EfficiencyQuery {
     /// Admins: one user's.
     pub user: Option<String>,
     /// `csv` for CSV whatever `Accept` says.
+    #[param(inline)]
     pub format: Option<Format>,
 }
 
