@@ -193,6 +193,73 @@ async fn single_sign_on_in_chromium_with_groups_and_entitlements() {
     assert_eq!(g["members"], json!(["eli"]));
     let (_, g) = call(Method::GET, "/api/v1/groups/vision-lab", Some(&root), None).await;
     assert_eq!(g["members"], json!(["dana"]));
+    // Login CSRF: a callback URL from a sign-in started in another browser (without
+    // the state cookie) is refused; with the cookie of the browser that started it,
+    // the sign-in completes.
+    let no_redirects = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let start = no_redirects
+        .get(format!("{base}/api/v1/auth/oidc/login"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(start.status(), StatusCode::SEE_OTHER);
+    let state_cookie = start.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let at_provider = start.headers()["location"].to_str().unwrap().to_owned();
+    let (code, state) = code_for(&at_provider, &redirect, "eli", "eli-password-12345").await;
+    let callback = format!("{base}/api/v1/auth/oidc/callback?code={code}&state={state}");
+    let r = no_redirects.get(&callback).send().await.unwrap();
+    let to = r.headers()["location"].to_str().unwrap();
+    assert!(
+        to.starts_with("/?sso_error=") && to.contains("browser"),
+        "{to}"
+    );
+    assert!(
+        !r.headers()
+            .get_all("set-cookie")
+            .iter()
+            .any(|c| c.to_str().unwrap().contains("kcloud_access="))
+    );
+    // The state was spent by that attempt: the rightful browser starts again.
+    let start = no_redirects
+        .get(format!("{base}/api/v1/auth/oidc/login"))
+        .send()
+        .await
+        .unwrap();
+    let state_cookie2 = start.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    assert_ne!(state_cookie, state_cookie2);
+    let at_provider = start.headers()["location"].to_str().unwrap().to_owned();
+    let (code, state) = code_for(&at_provider, &redirect, "eli", "eli-password-12345").await;
+    let r = no_redirects
+        .get(format!(
+            "{base}/api/v1/auth/oidc/callback?code={code}&state={state}"
+        ))
+        .header("cookie", &state_cookie2)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["location"], "/");
+    assert!(
+        r.headers()
+            .get_all("set-cookie")
+            .iter()
+            .any(|c| c.to_str().unwrap().contains("kcloud_access="))
+    );
+
     // A provider user cannot sign in with a password (the account has none).
     let (st, _) = call(
         Method::POST,
@@ -320,7 +387,7 @@ async fn id_tokens_from_a_real_provider_are_checked() {
     let oidc = Oidc::new(settings(&provider.issuer, redirect, &secret_file)).unwrap();
 
     // The whole flow without a browser: state, PKCE, nonce, code, token, claims.
-    let url = oidc.begin().await.unwrap();
+    let (url, _) = oidc.begin().await.unwrap();
     assert!(
         url.contains("code_challenge_method=S256") && url.contains("nonce="),
         "{url}"

@@ -14,9 +14,15 @@ use utoipa_axum::routes;
 use kcloud_core::Error;
 use kcloud_core::settings::LocalAccounts;
 
+use axum::http::HeaderMap;
+
 use crate::AppState;
 use crate::error::{ApiError, ErrorBody};
-use crate::extract::{ApiQuery, ClientAddr};
+use crate::extract::{ApiQuery, ClientAddr, constant_time_eq, cookie, portal_cookie};
+
+/// The cookie that ties a sign-in's `state` to the browser that started it (a login
+/// CSRF defence: a callback URL from someone else's sign-in is refused here).
+const STATE_COOKIE: &str = "kcloud_sso";
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -82,7 +88,18 @@ async fn oidc_login(State(s): State<AppState>) -> Result<Response, ApiError> {
         .oidc
         .as_ref()
         .ok_or_else(|| Error::NotFound("single sign-on is not configured".into()))?;
-    Ok(see_other(&oidc.begin().await?))
+    let (url, state) = oidc.begin().await?;
+    let mut resp = see_other(&url);
+    let secure = if s.secure_cookies { "; Secure" } else { "" };
+    // Lax: sent on the provider's top-level redirect back; ten minutes, as the state.
+    let c = format!(
+        "{}={state}; Path=/; Max-Age=600; HttpOnly; SameSite=Lax{secure}",
+        portal_cookie(s.secure_cookies, STATE_COOKIE)
+    );
+    if let Ok(v) = HeaderValue::from_str(&c) {
+        resp.headers_mut().append(header::SET_COOKIE, v);
+    }
+    Ok(resp)
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -103,6 +120,7 @@ pub struct CallbackQuery {
 async fn oidc_callback(
     State(s): State<AppState>,
     ClientAddr(client): ClientAddr,
+    headers: HeaderMap,
     ApiQuery(q): ApiQuery<CallbackQuery>,
 ) -> Result<Response, ApiError> {
     let oidc = s
@@ -121,6 +139,13 @@ async fn oidc_callback(
         let (Some(code), Some(state)) = (q.code, q.state) else {
             return Err(Error::BadRequest("code and state are required".into()));
         };
+        let mine = cookie(&headers, &portal_cookie(s.secure_cookies, STATE_COOKIE))
+            .is_some_and(|c| constant_time_eq(c.as_bytes(), state.as_bytes()));
+        if !mine {
+            return Err(Error::Unauthorized(
+                "this sign-in was not started in this browser; sign in again".into(),
+            ));
+        }
         let id = oidc.finish(&code, &state).await?;
         s.auth
             .sign_in_oidc(&id, &oidc.settings, s.servers.groups(), client)
@@ -128,18 +153,27 @@ async fn oidc_callback(
     }
     .await;
     s.metrics.observe_login(result.is_ok());
-    match result {
+    let mut resp = match result {
         Ok(session) => {
             let mut resp = see_other("/");
             crate::routes::session::add_session_cookies(&s, &session, &mut resp);
-            Ok(resp)
+            resp
         }
         Err(e) => {
             tracing::info!(%client, error = %e, "single sign-on refused");
             let reason: String = url_escape(&e.to_string());
-            Ok(see_other(&format!("/?sso_error={reason}")))
+            see_other(&format!("/?sso_error={reason}"))
         }
+    };
+    let secure = if s.secure_cookies { "; Secure" } else { "" };
+    let gone = format!(
+        "{}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax{secure}",
+        portal_cookie(s.secure_cookies, STATE_COOKIE)
+    );
+    if let Ok(v) = HeaderValue::from_str(&gone) {
+        resp.headers_mut().append(header::SET_COOKIE, v);
     }
+    Ok(resp)
 }
 
 /// Percent-encodes everything but unreserved characters.

@@ -155,8 +155,10 @@ impl Oidc {
             .await
     }
 
-    /// Starts a sign-in: the URL to send the browser to.
-    pub async fn begin(&self) -> Result<String> {
+    /// Starts a sign-in: the URL to send the browser to, and the `state` the browser
+    /// must bring back (the caller binds it to the browser, e.g. in a cookie, so that
+    /// nobody can finish a sign-in started elsewhere in someone else's browser).
+    pub async fn begin(&self) -> Result<(String, String)> {
         let d = self.discovery().await?;
         let state = random_token();
         let nonce = random_token();
@@ -193,7 +195,7 @@ impl Oidc {
             .append_pair("nonce", &nonce)
             .append_pair("code_challenge", &challenge)
             .append_pair("code_challenge_method", "S256");
-        Ok(url.into())
+        Ok((url.into(), state))
     }
 
     /// Ends a sign-in: the provider sent the browser back with `code` for `state`.
