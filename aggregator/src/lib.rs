@@ -173,12 +173,14 @@ pub async fn build_with(config: &Config, kube_client: Option<kube::Client>) -> R
             }
         };
     let locks = Arc::new(OwnerLocks::default());
+    let groups = kcloud_service::groups::Groups::new(repo.clone(), settings.clone());
     let volumes = Arc::new(Volumes::new(
         repo.clone(),
         backend,
         provisioner.clone(),
         &settings,
         locks.clone(),
+        groups.clone(),
     ));
     let servers = Arc::new(Servers::new(
         repo.clone(),
@@ -187,6 +189,7 @@ pub async fn build_with(config: &Config, kube_client: Option<kube::Client>) -> R
         volumes.clone(),
         settings.clone(),
         locks,
+        groups,
     ));
     let reservations = Arc::new(Reservations::new(
         repo.clone(),

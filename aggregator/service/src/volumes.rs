@@ -129,6 +129,8 @@ pub struct Volumes {
     default_quota: DefaultQuota,
     shares: Vec<Share>,
     locks: Arc<OwnerLocks>,
+    /// What users may use: shares are among a group's entitlements.
+    groups: Arc<crate::groups::Groups>,
     usage: Mutex<HashMap<(String, String), Usage>>,
     /// Volumes being measured in the background.
     measuring: Mutex<HashSet<(String, String)>>,
@@ -141,8 +143,10 @@ impl Volumes {
         provisioner: Arc<dyn Provisioner>,
         settings: &kcloud_core::settings::Settings,
         locks: Arc<OwnerLocks>,
+        groups: Arc<crate::groups::Groups>,
     ) -> Self {
         Self {
+            groups,
             audit: Audit::new(repo.clone()),
             repo,
             backend,
@@ -409,12 +413,15 @@ impl Volumes {
             .remove(&(owner.to_owned(), name.to_owned()));
     }
 
-    /// The shares `caller` may use, by name.
-    pub fn shares(&self, caller: &Caller) -> Vec<ShareView> {
+    /// The shares `caller` may use, by name: the share's own roles and users, and the
+    /// caller's groups' entitlements.
+    pub async fn shares(&self, caller: &Caller) -> Result<Vec<ShareView>> {
+        let e = self.groups.entitlements(&caller.name, caller.role).await?;
         let mut out: Vec<ShareView> = self
             .shares
             .iter()
             .filter(|s| s.allows(&caller.name, caller.role))
+            .filter(|s| e.allows(kcloud_core::group::Use::Share(&s.name)))
             .map(|s| ShareView {
                 name: s.name.clone(),
                 read_only: s.read_only,
@@ -422,7 +429,7 @@ impl Volumes {
             })
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
-        out
+        Ok(out)
     }
 
     /// A share `user` may use; any other name is 404.
@@ -455,6 +462,10 @@ impl Volumes {
     /// writes).
     pub async fn share_files(&self, caller: &Caller, name: &str) -> Result<FileTarget> {
         let share = self.share(&caller.name, caller.role, name)?;
+        self.groups
+            .entitlements(&caller.name, caller.role)
+            .await?
+            .check(kcloud_core::group::Use::Share(name))?;
         let local = share.local_path.clone().ok_or_else(|| {
             Error::Unavailable(format!(
                 "share {name:?} is not mounted where the aggregator can browse it"

@@ -49,7 +49,13 @@ fn message(body: &Value) -> String {
 async fn groups_share_quotas_and_decide_what_members_may_use() {
     let app = TestApp::builder()
         .args(["--simulate", "dgx-a100-mig", "--stop-grace", "1s"])
-        .settings("[entitlements]\nide_profiles = [\"custom\"]\nmodels = [\"*A100*\"]\n")
+        .settings(
+            "[entitlements]\nide_profiles = [\"custom\"]\nmodels = [\"*A100*\"]\n\
+             [[shares]]\nname = \"datasets\"\nserver = \"nfs.example.org\"\n\
+             path = \"/exports/datasets\"\nroles = [\"user\"]\nlocal_path = \"{dir}\"\n\
+             [[shares]]\nname = \"scratch\"\nserver = \"nfs.example.org\"\n\
+             path = \"/exports/scratch\"\nroles = [\"user\"]\nlocal_path = \"{dir}\"\n",
+        )
         .wait_for_gpus()
         .start()
         .await;
@@ -60,7 +66,7 @@ async fn groups_share_quotas_and_decide_what_members_may_use() {
     let lab_a = json!({"name": "lab-a", "description": "vision",
         "members": ["alice"], "quota": {"gpus": 2, "servers": 3},
         "entitlements": {"models": ["*A100*"], "mig_profiles": ["1g.10gb"],
-                         "ide_profiles": ["custom", "jupyterlab"]}});
+                         "ide_profiles": ["custom", "jupyterlab"], "shares": ["scratch"]}});
     for (token, body, want) in [
         (&alice, lab_a.clone(), StatusCode::FORBIDDEN),
         (&admin, json!({"name": "Lab_A"}), StatusCode::BAD_REQUEST),
@@ -156,6 +162,43 @@ async fn groups_share_quotas_and_decide_what_members_may_use() {
             .iter()
             .all(|d| d.get("entitled").is_none())
     );
+
+    // Shares: listed, browsed and mounted only where entitled.
+    let shares = |token: String| {
+        let app = &app;
+        async move {
+            let r = app
+                .call(Method::GET, "/api/v1/shares", Some(&token), None)
+                .await;
+            r.body
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["name"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(shares(alice.clone()).await, ["scratch"]);
+    assert_eq!(shares(bob.clone()).await, ["datasets", "scratch"]);
+    let r = app
+        .call(
+            Method::GET,
+            "/api/v1/shares/datasets/files/",
+            Some(&alice),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    assert!(message(&r.body).contains("shares"), "{}", r.body);
+    let (st, body) = create(
+        &app,
+        &alice,
+        "alice",
+        json!({"name": "m", "cpu": "100m",
+        "memory": "128Mi", "command": ["sleep", "600"], "volumes": [{"share": "datasets"}]}),
+    )
+    .await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "{body}");
 
     // Refused with 403 naming the entitlement; allowed otherwise.
     let three_g = free_with(&seen, Some("3g.40gb"));

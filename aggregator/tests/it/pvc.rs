@@ -176,12 +176,14 @@ async fn cluster_volumes_are_pvcs() {
         )
         .expect("provisioner"),
     );
+    let groups = kcloud_service::groups::Groups::new(repo.clone(), Arc::new(settings.clone()));
     let storage = Arc::new(Volumes::new(
         repo,
         Box::new(PvcVolumes::new(pvcs, NS, &settings.storage)),
         provisioner,
         &settings,
         Arc::new(OwnerLocks::default()),
+        groups,
     ));
     let alice = Caller {
         name: "alice".into(),

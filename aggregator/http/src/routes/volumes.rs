@@ -69,10 +69,14 @@ async fn delete_volume(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// The NFS shares the caller may browse and mount (admins: all).
+/// The NFS shares the caller may browse and mount (admins: all): each share's roles and
+/// users, and the caller's groups' entitlements.
 #[utoipa::path(get, path = "/api/v1/shares", tag = "storage",
     responses((status = 200, body = [ShareView]), (status = 401, body = ErrorBody)),
     security(("bearer" = []), ("cookie" = [])))]
-async fn list_shares(State(s): State<AppState>, caller: Caller) -> Json<Vec<ShareView>> {
-    Json(s.volumes.shares(&caller))
+async fn list_shares(
+    State(s): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Vec<ShareView>>, ApiError> {
+    Ok(Json(s.volumes.shares(&caller).await?))
 }

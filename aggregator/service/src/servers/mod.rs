@@ -224,12 +224,13 @@ impl Servers {
         volumes: Arc<Volumes>,
         settings: Arc<Settings>,
         locks: Arc<OwnerLocks>,
+        groups: Arc<Groups>,
     ) -> Self {
         Self {
             audit: Audit::new(repo.clone()),
             notifier: Notifier::new(settings.notifications.webhook_url.clone()),
             usage: UsageLedger::new(repo.clone(), cluster.clone()),
-            groups: Groups::new(repo.clone(), settings.clone()),
+            groups,
             repo,
             cluster,
             provisioner,
