@@ -25,10 +25,19 @@ pub fn random_token() -> String {
 /// `{prefix}-` and 16 random hex digits: ids of records users name in paths
 /// (reservations `r-…`, queue entries `q-…`).
 pub fn random_id(prefix: &str) -> String {
+    format!("{prefix}-{}", random_hex())
+}
+
+/// 16 random hex digits (the id part of [`random_id`], and of personal tokens).
+pub fn random_hex() -> String {
     let mut b = [0u8; 8];
     rand::rng().fill_bytes(&mut b);
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{prefix}-{hex}")
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Compares secrets without an early exit that would leak how much matched.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Fills `buf` from the OS random number generator.

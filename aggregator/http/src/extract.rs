@@ -215,10 +215,7 @@ pub fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
         .map(|(_, v)| v.to_owned())
 }
 
-/// Compares secrets without an early exit that would leak how much matched.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
+pub use kcloud_core::private::constant_time_eq;
 
 /// An agent presenting the agent token. A user's token here is 403; nothing is 401.
 pub struct AgentCaller;

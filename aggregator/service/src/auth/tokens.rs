@@ -9,7 +9,7 @@ use std::time::Duration;
 use blake2::{Blake2s256, Digest};
 
 use kcloud_core::caller::Caller;
-use kcloud_core::private::{random_id, random_token};
+use kcloud_core::private::{constant_time_eq, random_hex, random_token};
 use kcloud_core::token::{
     ApiTokenRecord, ApiTokenView, Scope, TOKEN_PREFIX, TokenGrant, split_token,
 };
@@ -38,11 +38,6 @@ pub struct NewToken {
 
 fn digest(secret: &str) -> Vec<u8> {
     Blake2s256::digest(secret.as_bytes()).to_vec()
-}
-
-/// Compares digests without an early exit that would leak how much matched.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 impl Auth {
@@ -91,7 +86,7 @@ impl Auth {
                 "expires_in: from 1m to 366d (default 90d)".into(),
             ));
         }
-        let id = random_id("").trim_start_matches('-').to_owned();
+        let id = random_hex();
         let secret = random_token();
         let now = now_ms();
         let record = ApiTokenRecord {
