@@ -18,6 +18,8 @@ pub mod listener;
 pub mod metrics;
 /// Users' origins and the client behind trusted proxies.
 pub mod origin;
+/// Percent-encoding of URL parts and header parameters.
+mod percent;
 /// The portal's embedded assets.
 pub mod portal;
 /// `/user/{user}/{server}/...`: the authenticated reverse proxy.

@@ -152,7 +152,7 @@ pub(crate) fn session_url(
     format!(
         "{}{SESSION_PATH}?code={code}&next={}",
         s.user_origins.origin(owner, port),
-        percent_encode(next)
+        crate::percent::encode(next, b"/")
     )
 }
 
@@ -248,7 +248,7 @@ fn url_token(uri: &axum::http::Uri) -> Option<String> {
         .split('&')
         .filter_map(|kv| kv.split_once('='))
         .find(|(k, v)| *k == "token" && v.starts_with(kcloud_core::token::TOKEN_PREFIX))
-        .map(|(_, v)| percent_decode(v))
+        .map(|(_, v)| crate::percent::decode(v))
 }
 
 /// The URL's path and query without its personal `token` parameter.
@@ -319,7 +319,7 @@ fn exchange(s: &AppState, user: &str, req: &Request) -> Result<Response, Error> 
             .split('&')
             .filter_map(|kv| kv.split_once('='))
             .find(|(k, _)| *k == key)
-            .map(|(_, v)| percent_decode(v))
+            .map(|(_, v)| crate::percent::decode(v))
     };
     let code = param("code").ok_or_else(|| Error::BadRequest("no code".into()))?;
     let (server, token) = s.auth.redeem(&code, user)?;
@@ -458,43 +458,6 @@ fn check_origin(
             "cross-origin request to a server refused (Origin does not match this host)".into(),
         )),
     }
-}
-
-/// Percent-encodes everything but unreserved characters and `/`.
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-/// Decodes `%XX` (and `+` as a space); a malformed escape stays as it is.
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = b
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (b[i], hex) {
-            (b'%', Some(v)) => {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-            (b'+', _) => out.push(b' '),
-            (c, _) => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Connection-specific headers (RFC 9110 §7.6.1) plus those the `Connection` header

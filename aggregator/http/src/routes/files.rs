@@ -178,7 +178,7 @@ async fn download(
     if attachment
         && let Ok(v) = HeaderValue::from_str(&format!(
             "attachment; filename*=UTF-8''{}",
-            percent_encode(&name)
+            crate::percent::encode(&name, b"")
         ))
     {
         h.insert(header::CONTENT_DISPOSITION, v);
@@ -470,19 +470,6 @@ fn content_type(name: &str) -> &'static str {
     }
 }
 
-/// RFC 8187 `filename*` value: everything but unreserved characters percent-encoded.
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -513,6 +500,9 @@ mod tests {
         assert_eq!(content_type("a/b.CSV"), "text/csv; charset=utf-8");
         assert_eq!(content_type("model.pt"), "application/octet-stream");
         assert_eq!(content_type("noext"), "application/octet-stream");
-        assert_eq!(percent_encode("a b/ü.txt"), "a%20b%2F%C3%BC.txt");
+        assert_eq!(
+            crate::percent::encode("a b/ü.txt", b""),
+            "a%20b%2F%C3%BC.txt"
+        );
     }
 }

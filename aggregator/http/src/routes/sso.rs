@@ -161,7 +161,7 @@ async fn oidc_callback(
         }
         Err(e) => {
             tracing::info!(%client, error = %e, "single sign-on refused");
-            let reason: String = url_escape(&e.to_string());
+            let reason = crate::percent::encode(&e.to_string(), b"");
             see_other(&format!("/?sso_error={reason}"))
         }
     };
@@ -174,17 +174,4 @@ async fn oidc_callback(
         resp.headers_mut().append(header::SET_COOKIE, v);
     }
     Ok(resp)
-}
-
-/// Percent-encodes everything but unreserved characters.
-fn url_escape(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }
