@@ -284,6 +284,13 @@ fn token_exchange(
         .get(caller, owner, name)
         .map_err(|_| Error::NotFound(format!("no server {owner}/{name}")))?;
     let token = s.auth.grant_cookie(caller, owner, name)?;
+    Ok(signed_in_redirect(s, name, &token, to))
+}
+
+/// A redirect to `to` (inside server `name`) that sets the server's cookie to `token`
+/// on this origin: what a spent code and a personal token in the URL both become.
+/// Neither travels further in a `Referer`.
+fn signed_in_redirect(s: &AppState, name: &str, token: &str, to: String) -> Response {
     let secure = if s.user_origins.secure() {
         "; Secure"
     } else {
@@ -304,7 +311,7 @@ fn token_exchange(
         header::REFERRER_POLICY,
         HeaderValue::from_static("no-referrer"),
     );
-    Ok(resp)
+    resp
 }
 
 /// `GET /_kcloud/session?code=...&next=...` on the owner's origin: the code becomes the
@@ -328,28 +335,7 @@ fn exchange(s: &AppState, user: &str, req: &Request) -> Result<Response, Error> 
     let next = param("next")
         .filter(|n| n.starts_with(&home) && !n.contains(['\\', '\r', '\n']))
         .unwrap_or(home);
-    let secure = if s.user_origins.secure() {
-        "; Secure"
-    } else {
-        ""
-    };
-    let max_age = s.auth.refresh_ttl().as_secs();
-    let cookie = format!(
-        "{}={token}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Lax{secure}",
-        server_cookie(s, &server)
-    );
-    let mut resp = (StatusCode::SEE_OTHER, [(header::LOCATION, next)]).into_response();
-    let h = resp.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&cookie) {
-        h.insert(header::SET_COOKIE, v);
-    }
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    // The code is spent, but it need not travel further in a Referer either.
-    h.insert(
-        header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
-    );
-    Ok(resp)
+    Ok(signed_in_redirect(s, &server, &token, next))
 }
 
 /// Forwards a request `caller` may make to `owner/name`.
