@@ -218,6 +218,18 @@ impl Quota {
         }
     }
 
+    /// Whether `owner` (a user, or `group NAME`), having used `used` normalized GPU-hours
+    /// this month, may start something that needs devices (unset: unlimited).
+    pub fn check_gpu_hours(&self, owner: &str, used: f64) -> Result<()> {
+        match self.gpu_hours_per_month {
+            Some(max) if used >= f64::from(max) => Err(Error::QuotaExceeded(format!(
+                "GPU-hour quota used up: {owner} used {used:.1} of {max} GPU-hours this month \
+                 (servers that run keep running; it renews on the 1st, UTC)"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// Whether `owner`, using `used`, may add `ask` (servers, CPU, memory; unset
     /// fields are unlimited). Devices are checked by the ledger, atomically; storage
     /// by the store, in the transaction that records a volume.

@@ -84,18 +84,12 @@ impl Servers {
                     )));
                 }
             }
-            if let (Some(max), true) = (g.quota.gpu_hours_per_month, needs_devices) {
+            if g.quota.gpu_hours_per_month.is_some() && needs_devices {
                 let mut used = 0.0;
                 for m in &g.members {
                     used += self.usage.this_month(m).await?;
                 }
-                if used >= f64::from(max) {
-                    return Err(Error::QuotaExceeded(format!(
-                        "GPU-hour quota used up: group {} used {used:.1} of {max} GPU-hours \
-                         this month (servers that run keep running; it renews on the 1st, UTC)",
-                        g.name
-                    )));
-                }
+                g.quota.check_gpu_hours(&who, used)?;
             }
         }
         Ok(guards)

@@ -411,15 +411,8 @@ impl Servers {
             .volumes
             .resolve_mounts(user, owner.role, plan.mounts.clone(), &mine)
             .await?;
-        if let (Some(max), true) = (quota.gpu_hours_per_month, needs_devices) {
-            let used = self.usage.this_month(user).await?;
-            if used >= f64::from(max) {
-                return Err(Error::QuotaExceeded(format!(
-                    "GPU-hour quota used up: {user} used {used:.1} of {max} GPU-hours this month \
-                     (servers that run keep running; it renews on the 1st, UTC)"
-                ))
-                .into());
-            }
+        if quota.gpu_hours_per_month.is_some() && needs_devices {
+            quota.check_gpu_hours(user, self.usage.this_month(user).await?)?;
         }
         let holder = Holder::new(user, &plan.name);
         let now = now_ms();
