@@ -207,20 +207,16 @@ impl Servers {
 
     async fn stop_idle(&self, seen: &Server, since: u64, now: u64) -> Result<bool> {
         let (user, name) = (&seen.owner, &seen.name);
-        let _serial = self.locks.lock(user).await;
-        // A keep, a busy reading or a delete may have come while waiting for the lock.
-        match self.provisioner.get(user, name) {
-            Some(s) if s.id == seen.id && !s.cull_exempt => {}
-            _ => return Ok(false),
-        }
-        if self.idle_book().since.get(&seen.id) != Some(&since) {
-            return Ok(false);
-        }
         let weight = self.cluster.weight(&seen.devices);
-        let released = match self.stop(user, name).await {
-            Ok(r) => r,
-            Err(Error::NotFound(_)) => return Ok(false),
-            Err(e) => return Err(e),
+        // A keep, a busy reading, an exemption or a delete may have come while waiting
+        // for the lock.
+        let Some(released) = self
+            .stop_unless_changed(seen, |now| {
+                !now.cull_exempt && self.idle_book().since.get(&seen.id) == Some(&since)
+            })
+            .await?
+        else {
+            return Ok(false);
         };
         {
             let mut book = self.idle_book();

@@ -599,20 +599,37 @@ impl Servers {
         Ok(released)
     }
 
+    /// Stops `seen` for the platform (a cull, a reservation, idle GPUs), under its
+    /// owner's lock, unless it is gone or `still` says it changed while waiting for the
+    /// lock. The devices released, or `None` when it was left alone.
+    pub(crate) async fn stop_unless_changed(
+        &self,
+        seen: &Server,
+        still: impl Fn(&Server) -> bool,
+    ) -> Result<Option<Vec<String>>> {
+        let (user, name) = (&seen.owner, &seen.name);
+        let _serial = self.locks.lock(user).await;
+        match self.provisioner.get(user, name) {
+            Some(now) if now.id == seen.id && still(&now) => {}
+            _ => return Ok(None),
+        }
+        match self.stop(user, name).await {
+            Ok(r) => Ok(Some(r)),
+            Err(Error::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Stops an idle server for the culler, as a delete by `system`, unless traffic
     /// arrived since `seen` was read.
     pub async fn cull(&self, seen: &Server, idle_for_ms: u64) -> Result<bool> {
         let (user, name) = (&seen.owner, &seen.name);
-        let _serial = self.locks.lock(user).await;
         // Traffic may have arrived while waiting for the lock.
-        match self.provisioner.get(user, name) {
-            Some(now) if now.id == seen.id && now.last_activity_ms == seen.last_activity_ms => {}
-            _ => return Ok(false),
-        }
-        let released = match self.stop(user, name).await {
-            Ok(r) => r,
-            Err(Error::NotFound(_)) => return Ok(false),
-            Err(e) => return Err(e),
+        let Some(released) = self
+            .stop_unless_changed(seen, |now| now.last_activity_ms == seen.last_activity_ms)
+            .await?
+        else {
+            return Ok(false);
         };
         tracing::info!(owner = %user, server = %name, idle_s = idle_for_ms / 1000, released = released.len(), "culled an idle server");
         self.audit

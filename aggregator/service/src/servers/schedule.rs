@@ -292,15 +292,8 @@ impl Servers {
 
     async fn stop_for_reservation(&self, seen: &Server, end: &EndsAt) -> Result<bool> {
         let (user, name) = (&seen.owner, &seen.name);
-        let _serial = self.locks.lock(user).await;
-        match self.provisioner.get(user, name) {
-            Some(now) if now.id == seen.id => {}
-            _ => return Ok(false),
-        }
-        let released = match self.stop(user, name).await {
-            Ok(r) => r,
-            Err(Error::NotFound(_)) => return Ok(false),
-            Err(e) => return Err(e),
+        let Some(released) = self.stop_unless_changed(seen, |_| true).await? else {
+            return Ok(false);
         };
         tracing::info!(owner = %user, server = %name, because = %end.because, "stopped a server for a reservation");
         self.audit
