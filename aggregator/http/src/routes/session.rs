@@ -122,7 +122,7 @@ fn refresh_token(
     Ok(t)
 }
 
-fn append_cookie(resp: &mut Response, value: &str) {
+pub(crate) fn append_cookie(resp: &mut Response, value: &str) {
     if let Ok(v) = HeaderValue::from_str(value) {
         resp.headers_mut().append(header::SET_COOKIE, v);
     }

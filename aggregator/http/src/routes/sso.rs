@@ -96,9 +96,7 @@ async fn oidc_login(State(s): State<AppState>) -> Result<Response, ApiError> {
         "{}={state}; Path=/; Max-Age=600; HttpOnly; SameSite=Lax{secure}",
         portal_cookie(s.secure_cookies, STATE_COOKIE)
     );
-    if let Ok(v) = HeaderValue::from_str(&c) {
-        resp.headers_mut().append(header::SET_COOKIE, v);
-    }
+    crate::routes::session::append_cookie(&mut resp, &c);
     Ok(resp)
 }
 
@@ -170,8 +168,6 @@ async fn oidc_callback(
         "{}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax{secure}",
         portal_cookie(s.secure_cookies, STATE_COOKIE)
     );
-    if let Ok(v) = HeaderValue::from_str(&gone) {
-        resp.headers_mut().append(header::SET_COOKIE, v);
-    }
+    crate::routes::session::append_cookie(&mut resp, &gone);
     Ok(resp)
 }
