@@ -23,6 +23,16 @@ struct Raw(nvmlGpmSample_t);
 // thread at a time (nvml-wrapper's `GpmSample` is `Send` for the same reason).
 unsafe impl Send for Raw {}
 
+impl Raw {
+    /// The sample again, owned: freed when it drops.
+    fn into_sample(self, nvml: &Nvml) -> GpmSample<'_> {
+        // SAFETY: every `Raw` comes from `into_handle` on a sample of the collector's
+        // one `Nvml` (the map is emptied before that `Nvml` goes) and is owned only by
+        // the map it was just taken out of: wrapping it hands it back exactly once.
+        unsafe { GpmSample::from_handle(nvml, self.0) }
+    }
+}
+
 /// The previous sample of every GPU instance, by (parent GPU UUID, GPU instance id).
 #[derive(Default)]
 pub(super) struct GpmSamples {
@@ -45,10 +55,7 @@ impl GpmSamples {
         let now = parent.gpm_mig_sample(gi)?;
         self.seen.push(key.clone());
         let result = self.prev.remove(&key).map(|raw| {
-            // SAFETY: the handle came from `into_handle` on a sample of this same
-            // `Nvml` (the map is emptied before the `Nvml` goes) and was owned only
-            // by the map, from which it was just removed: wrapped, it is freed on drop.
-            let prev = unsafe { GpmSample::from_handle(nvml, raw.0) };
+            let prev = raw.into_sample(nvml);
             nvml_wrapper::gpm::gpm_metrics_get(nvml, &prev, &now, &[GpmMetricId::GraphicsUtil])
         });
         self.prev.insert(key, Raw(now.into_handle()));
@@ -70,25 +77,16 @@ impl GpmSamples {
     /// Ends a collection: frees the samples of instances that were not sampled (gone,
     /// or on a GPU that stopped answering), so that a later one starts afresh.
     pub(super) fn end(&mut self, nvml: &Nvml) {
-        let stale: Vec<_> = self
-            .prev
-            .keys()
-            .filter(|k| !self.seen.contains(k))
-            .cloned()
-            .collect();
-        for k in stale {
-            if let Some(raw) = self.prev.remove(&k) {
-                // SAFETY: as in `sample`: ours alone, from this `Nvml`.
-                drop(unsafe { GpmSample::from_handle(nvml, raw.0) });
-            }
+        let seen = &self.seen;
+        for (_, raw) in self.prev.extract_if(|k, _| !seen.contains(k)) {
+            drop(raw.into_sample(nvml));
         }
     }
 
     /// Frees every sample; call before `nvml` goes.
     pub(super) fn clear(&mut self, nvml: &Nvml) {
         for (_, raw) in self.prev.drain() {
-            // SAFETY: as in `sample`.
-            drop(unsafe { GpmSample::from_handle(nvml, raw.0) });
+            drop(raw.into_sample(nvml));
         }
         self.seen.clear();
     }
