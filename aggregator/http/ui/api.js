@@ -99,6 +99,8 @@ export class Live extends EventTarget {
     this.rows = new Map();
     this.summary = null;
     this.servers = new Map();
+    // Servers that were queued when the stream was reset, until it is synced again.
+    this.queuedBefore = new Set();
     this.synced = false;
     this.mode = null; // 'small' | 'fleet', known after the first snapshot
     this.following = [];
@@ -126,6 +128,9 @@ export class Live extends EventTarget {
       this.hello = JSON.parse(e.data);
       this.nodes.clear();
       this.rows.clear();
+      // A reconnect (following other nodes, a dropped stream) must not lose "it was
+      // queued": the server's next state may come in the new snapshot.
+      for (const [k, s] of this.servers) if (s.status === 'queued') this.queuedBefore.add(k);
       this.servers.clear();
       this.synced = false;
       this.pending.reset = true;
@@ -156,9 +161,12 @@ export class Live extends EventTarget {
     });
     es.addEventListener('server', (e) => {
       const s = JSON.parse(e.data);
-      const before = this.servers.get(`${s.owner}/${s.name}`);
+      const key = `${s.owner}/${s.name}`;
+      const before = this.servers.get(key);
+      const wasQueued = before ? before.status === 'queued' : this.queuedBefore.has(key);
+      this.queuedBefore.delete(key);
       // A queued server that got its devices: the shell tells the user.
-      if (before && before.status === 'queued' && s.status !== 'queued') {
+      if (wasQueued && s.status !== 'queued') {
         this.dispatchEvent(new CustomEvent('dequeued', { detail: s }));
       }
       this.servers.set(`${s.owner}/${s.name}`, s);
@@ -173,6 +181,7 @@ export class Live extends EventTarget {
     });
     es.addEventListener('synced', () => {
       this.synced = true;
+      this.queuedBefore.clear();
       if (!this.mode) {
         this.mode = this.rows.size <= SMALL_FLEET ? 'small' : 'fleet';
         if (this.mode === 'small') { this.follow('*'); return; }

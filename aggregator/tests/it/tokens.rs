@@ -216,7 +216,9 @@ async fn personal_tokens_scopes_revocation_and_a_real_jupyter_client() {
         .await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
     // Stored only as a hash: the secret's characters appear in no file of the data dir.
-    let secret_part = laptop_secret.rsplit('_').next().unwrap().to_owned();
+    // `kct_` + 16 hex digits + `_`, then the secret (base64url: it may hold `_` too).
+    let secret_part = laptop_secret["kct_".len() + 17..].to_owned();
+    assert_eq!(secret_part.len(), 43);
     for entry in std::fs::read_dir(dir.path().join("data")).unwrap() {
         let path = entry.unwrap().path();
         if path.is_file() {
