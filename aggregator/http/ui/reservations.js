@@ -133,7 +133,6 @@ export async function reservationsPage(ctx) {
     end.value = localInput(b);
     devices.focus();
   };
-  document.addEventListener('pointerup', onUp);
   node.addEventListener('change', drawTimeline);
   const onChange = (e) => {
     if (!page.isConnected) { ctx.live.removeEventListener('change', onChange); return; }
@@ -141,7 +140,6 @@ export async function reservationsPage(ctx) {
     const first = e.detail.nodes.has(node.value) && !timeline.querySelector('.lane[data-uuid]');
     if (e.detail.servers || e.detail.reset || first) drawTimeline();
   };
-  ctx.live.addEventListener('change', onChange);
 
   form.addEventListener('submit', async (ev) => {
     ev.preventDefault();
@@ -162,5 +160,10 @@ export async function reservationsPage(ctx) {
   });
   page.append(h('div', { class: 'row' }, field('Node', node), list), timeline, form, mine, queue);
   await load();
+  // Only now: both drop themselves once the page is out of the document, and it is
+  // not in it yet while the first load runs (a reading then would end them for good).
+  // The shell puts the page in before any event can come (they come per frame).
+  document.addEventListener('pointerup', onUp);
+  ctx.live.addEventListener('change', onChange);
   return page;
 }
