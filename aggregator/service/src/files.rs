@@ -615,6 +615,20 @@ fn io_error(e: io::Error, path: &str) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        // The API document's pattern for `{path}` and the parser agree (lengths
+        // aside: they are bytes here, and the generated paths stay short).
+        #[test]
+        fn the_documented_path_pattern_is_the_parser(
+            raw in "(/|[a.]|\\.|\\.\\.|é|\\\\|\u{1}|\u{85}|x){0,12}"
+        ) {
+            let schema = kcloud_core::schema::file_path();
+            let re = regex::Regex::new(schema["pattern"].as_str().unwrap()).unwrap();
+            prop_assert_eq!(re.is_match(&raw), RelPath::parse(&raw).is_ok(), "{:?}", raw);
+        }
+    }
 
     #[test]
     fn the_usage_walk_removes_stale_upload_leftovers_only() {

@@ -32,8 +32,10 @@ pub struct NewGroup {
     #[serde(default)]
     pub description: String,
     #[serde(default)]
+    #[serde(deserialize_with = "kcloud_core::schema::object")]
     pub quota: Quota,
     #[serde(default)]
+    #[serde(deserialize_with = "kcloud_core::schema::object")]
     pub entitlements: Entitlements,
     #[serde(default)]
     pub members: Vec<String>,
@@ -44,7 +46,9 @@ pub struct NewGroup {
 #[serde(deny_unknown_fields)]
 pub struct ChangeGroup {
     pub description: Option<String>,
+    #[serde(default, deserialize_with = "kcloud_core::schema::optional_object")]
     pub quota: Option<Quota>,
+    #[serde(default, deserialize_with = "kcloud_core::schema::optional_object")]
     pub entitlements: Option<Entitlements>,
     #[serde(default)]
     pub add_members: Vec<String>,
@@ -105,6 +109,7 @@ impl Groups {
         validate_group_name(&g.name)?;
         validate_description(&g.description)?;
         validate_members(&g.members)?;
+        g.quota.validate()?;
         g.entitlements.validate()?;
         let mut members = g.members;
         members.sort();
@@ -170,6 +175,9 @@ impl Groups {
         validate_group_name(name)?;
         if let Some(d) = &c.description {
             validate_description(d)?;
+        }
+        if let Some(q) = &c.quota {
+            q.validate()?;
         }
         if let Some(e) = &c.entitlements {
             e.validate()?;

@@ -49,6 +49,7 @@ const SKEW_MS: u64 = 60_000;
 #[serde(deny_unknown_fields)]
 pub struct CreateReservation {
     pub devices: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "kcloud_core::schema::optional_object")]
     pub gpu_request: Option<GpuRequest>,
     /// RFC 3339, e.g. `2026-12-03T14:00:00Z`.
     pub start: String,
@@ -167,9 +168,9 @@ impl Reservations {
                 "only admins book maintenance windows".into(),
             ));
         }
-        if req.note.len() > MAX_NOTE || req.note.chars().any(char::is_control) {
+        if req.note.chars().count() > MAX_NOTE || req.note.chars().any(char::is_control) {
             return Err(bad(format!(
-                "note: at most {MAX_NOTE} bytes, no control characters"
+                "note: at most {MAX_NOTE} characters, no control characters"
             )));
         }
         let mut start = parse_instant("start", &req.start)?;
@@ -350,7 +351,7 @@ impl Reservations {
             let f = self
                 .cluster
                 .describe(u)
-                .ok_or_else(|| bad(format!("devices: {u} is not a known device")))?;
+                .ok_or_else(|| Error::NotFound(format!("devices: {u} is not a known device")))?;
             if f.mig_parent {
                 return Err(bad(format!(
                     "devices: GPU {u} is in MIG mode; book its MIG instances"

@@ -25,11 +25,13 @@ pub struct CreateUser {
     /// Also accepted as `username`, like at sign-in.
     #[serde(alias = "username")]
     pub name: String,
-    /// 12 to 1024 bytes.
+    /// 12 to 1024 characters.
+    #[schema(min_length = 12, max_length = 1024)]
     pub password: String,
     #[serde(default = "default_role")]
     pub role: Role,
     #[serde(default)]
+    #[serde(deserialize_with = "kcloud_core::schema::object")]
     pub quota: Quota,
 }
 
@@ -43,7 +45,10 @@ fn default_role() -> Role {
 pub struct UpdateUser {
     pub role: Option<Role>,
     pub disabled: Option<bool>,
+    #[serde(default, deserialize_with = "kcloud_core::schema::optional_object")]
     pub quota: Option<Quota>,
+    /// 12 to 1024 characters.
+    #[schema(min_length = 12, max_length = 1024)]
     pub password: Option<String>,
 }
 

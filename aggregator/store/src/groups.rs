@@ -40,7 +40,7 @@ fn add_members(tx: &Transaction<'_>, group: &str, users: &[String]) -> kcloud_co
             .map_err(|e| Error::Store(e.to_string()))?
             .unwrap_or(false);
         if !exists {
-            return Err(Error::BadRequest(format!("members: no user {u:?}")));
+            return Err(Error::NotFound(format!("members: no user {u:?}")));
         }
         tx.execute(
             "INSERT INTO group_members (group_name, user_name) VALUES (?1, ?2)

@@ -73,6 +73,16 @@ async fn groups_share_quotas_and_decide_what_members_may_use() {
         (
             &admin,
             json!({"name": "lab-x", "members": ["nobody"]}),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            &admin,
+            json!({"name": "lab-x", "quota": {"memory_bytes": (1u64 << 50) + 1}}),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            &admin,
+            json!({"name": "lab-x", "quota": [null, 2]}),
             StatusCode::BAD_REQUEST,
         ),
         (

@@ -360,7 +360,7 @@ async fn reservations_keep_devices_stop_servers_and_release_no_shows() {
         ),
         (
             json!({"devices": ["GPU-nope"], "start": at(now + h), "end": at(now + 2 * h)}),
-            400,
+            404,
             "not a known device",
         ),
         (

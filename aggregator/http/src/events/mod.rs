@@ -72,6 +72,30 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(events))
 }
 
+/// One event of the stream as it travels (`event:`, `data:`, `retry:` lines): the
+/// schema of the `text/event-stream` response's items. `data` is the JSON of the
+/// payload that `event` names.
+#[derive(ToSchema)]
+pub struct StreamEvent {
+    pub event: StreamEventName,
+    pub data: String,
+    /// Reconnection delay in milliseconds (on `reset`).
+    pub retry: Option<u64>,
+}
+
+/// The event names; the payload of each is in `GET /api/v1/events`' description.
+#[derive(ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamEventName {
+    Reset,
+    Summary,
+    Rows,
+    Node,
+    Server,
+    ServerRemoved,
+    Synced,
+}
+
 /// `reset` (first event of every snapshot): who the stream is for.
 #[derive(Serialize, ToSchema)]
 pub struct StreamHello {
@@ -90,6 +114,7 @@ pub struct Removed {
 
 #[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct EventsQuery {
     /// Nodes to follow with their devices: `*` (every node, the default), names
     /// separated by commas (at most 100), or empty for none.
@@ -145,7 +170,7 @@ impl EventsQuery {
 #[utoipa::path(get, path = "/api/v1/events", tag = "inventory",
     params(EventsQuery),
     responses(
-        (status = 200, content_type = "text/event-stream", body = String,
+        (status = 200, content_type = "text/event-stream", body = StreamEvent,
             description = "server-sent events; payloads: FleetSummary, NodeRow, ClusterNode, ServerView, Removed, StreamHello"),
         (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody)),

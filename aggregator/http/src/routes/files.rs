@@ -78,8 +78,10 @@ struct SharePath {
 #[into_params(parameter_in = Query)]
 pub struct FileQuery {
     /// GET on a folder: entries to skip.
+    #[param(maximum = 18_446_744_073_709_551_615_u64)]
     offset: Option<usize>,
     /// GET on a folder: entries per page (default 500, at most 5000).
+    #[param(minimum = 1, maximum = 5000)]
     limit: Option<usize>,
     /// GET on a folder: include names starting with `.`.
     hidden: Option<bool>,
@@ -267,8 +269,9 @@ async fn delete(s: &AppState, t: Target, path: &str, q: FileQuery) -> Result<Sta
 #[utoipa::path(get, path = "/api/v1/users/{user}/volumes/{volume}/files/{path}", tag = "files",
     params(("user" = String, Path), ("volume" = String, Path),
         ("path" = String, Path, description = "Inside the volume; empty for the root folder"), FileQuery),
-    responses((status = 200, body = Listing, description = "A folder; a file's bytes; or an entry with stat=true"),
-        (status = 206, description = "Part of a file"), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+    responses((status = 200, description = "A folder; a file's bytes (typed by its name); or an entry with stat=true",
+            content((Listing = "application/json"), (String = "*/*"))),
+        (status = 206, description = "Part of a file", content((String = "*/*"))), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 416, body = ErrorBody)),
     security(("bearer" = []), ("cookie" = [])))]
 async fn volume_get(
@@ -340,7 +343,9 @@ async fn volume_delete(
 /// As for volumes, on a share the caller may use.
 #[utoipa::path(get, path = "/api/v1/shares/{share}/files/{path}", tag = "files",
     params(("share" = String, Path), ("path" = String, Path), FileQuery),
-    responses((status = 200, body = Listing), (status = 206), (status = 401, body = ErrorBody),
+    responses((status = 200, description = "A folder; a file's bytes (typed by its name); or an entry with stat=true",
+            content((Listing = "application/json"), (String = "*/*"))),
+        (status = 206, description = "Part of a file", content((String = "*/*"))), (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("bearer" = []), ("cookie" = [])))]
 async fn share_get(

@@ -35,7 +35,8 @@ async fn list_groups(
 /// members (admins).
 #[utoipa::path(post, path = "/api/v1/groups", tag = "groups", request_body = NewGroup,
     responses((status = 201, body = Group), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody, description = "A member who is no user"),
+        (status = 409, body = ErrorBody)),
     security(("bearer" = []), ("cookie" = [])))]
 async fn create_group(
     State(s): State<AppState>,

@@ -104,11 +104,12 @@ async fn get_node(
 
 #[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct HistoryQuery {
     /// `cpu` (utilization ratio), `memory` (bytes used) or `gpu_utilization` (percent).
-    #[param(value_type = String)]
     pub metric: HistoryMetric,
     /// How far back, e.g. `15m`, `1h`, `1d` (at most `7d`). Default `1h`.
+    #[param(pattern = "^[0-9]+[smhd]$")]
     pub range: Option<String>,
 }
 

@@ -47,7 +47,8 @@ async fn readyz(State(s): State<AppState>) -> Response {
 }
 
 /// Prometheus metrics (OpenMetrics text).
-#[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, body = String)))]
+#[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, body = String,
+    content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8")))]
 async fn metrics(State(s): State<AppState>) -> Response {
     // A failed read leaves the usage counters where they were (they never go back).
     let usage = match s.servers.usage().totals().await {

@@ -28,9 +28,11 @@ pub fn routes() -> OpenApiRouter<AppState> {
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct Window {
-    /// RFC 3339; default: now.
+    /// RFC 3339, from 1970; default: now.
+    #[param(format = DateTime)]
     pub from: Option<String>,
-    /// RFC 3339; default: no end.
+    /// RFC 3339, after `from`; default: no end.
+    #[param(format = DateTime)]
     pub to: Option<String>,
 }
 

@@ -161,6 +161,7 @@ impl From<Server> for ServerView {
 #[into_params(parameter_in = Query)]
 pub struct LogQuery {
     /// Lines from the end (default 200, at most 10000).
+    #[param(maximum = 10_000)]
     pub tail: Option<usize>,
     /// Keep the response open and send new output as it comes, until the server ends.
     pub follow: Option<bool>,
@@ -196,6 +197,8 @@ async fn list_servers(
     caller: Caller,
     ApiPath(user): ApiPath<String>,
 ) -> Result<Json<Vec<ServerView>>, ApiError> {
+    // A user who does not exist has no servers to list: 404, as for any other object.
+    s.users.get(&caller, &user).await?;
     Ok(Json(views(&s, s.servers.list(&caller, Some(&user))?)))
 }
 

@@ -25,9 +25,12 @@ pub fn routes() -> OpenApiRouter<AppState> {
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct UsageQuery {
-    /// First day included: `YYYY-MM-DD` or RFC 3339 (default: the first of this month).
+    /// First day included: `YYYY-MM-DD` (or an RFC 3339 time, rounded down to its
+    /// day), from 1970; default: the first of this month.
+    #[param(format = Date)]
     pub from: Option<String>,
-    /// Last day included (default: today); at most 400 days after `from`.
+    /// Last day included (default: today): not before `from`, at most 400 days after.
+    #[param(format = Date)]
     pub to: Option<String>,
     /// `user` (default), `model`, `node` or `day`.
     #[param(inline)]
@@ -91,9 +94,12 @@ async fn usage(
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct EfficiencyQuery {
-    /// First day included: `YYYY-MM-DD` or RFC 3339 (default: the first of this month).
+    /// First day included: `YYYY-MM-DD` (or an RFC 3339 time, rounded down to its
+    /// day), from 1970; default: the first of this month.
+    #[param(format = Date)]
     pub from: Option<String>,
-    /// Last day included (default: today); at most 400 days after `from`.
+    /// Last day included (default: today): not before `from`, at most 400 days after.
+    #[param(format = Date)]
     pub to: Option<String>,
     /// Admins: one user's.
     pub user: Option<String>,

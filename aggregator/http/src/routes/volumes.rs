@@ -32,6 +32,7 @@ async fn list_volumes(
     caller: Caller,
     ApiPath(user): ApiPath<String>,
 ) -> Result<Json<Vec<Volume>>, ApiError> {
+    s.users.get(&caller, &user).await?;
     Ok(Json(s.volumes.list(&caller, &user).await?))
 }
 

@@ -32,8 +32,8 @@ pub use keys::{MIN_SIGNING_KEY_BYTES, SigningKey};
 pub use limiter::{RateLimiter, client_key};
 pub use oidc::{Identity, Oidc, user_name_from};
 pub use passwords::{
-    Hasher, MAX_PASSWORD_BYTES, MIN_PASSWORD_BYTES, hash_password, validate_password,
-    verify_password,
+    Hasher, MAX_PASSWORD_BYTES, MAX_PASSWORD_CHARS, MIN_PASSWORD_CHARS, hash_password,
+    validate_password, verify_password,
 };
 use passwords::{Passwords, generate_password};
 pub use tokens::{MAX_TOKENS_PER_USER, NewToken};
@@ -534,8 +534,8 @@ impl Auth {
             }
             validate_password(&password).map_err(|_| {
                 Error::Config(format!(
-                    "the bootstrap admin password must be {MIN_PASSWORD_BYTES} to \
-                     {MAX_PASSWORD_BYTES} bytes long"
+                    "the bootstrap admin password must be {MIN_PASSWORD_CHARS} to \
+                     {MAX_PASSWORD_CHARS} characters long"
                 ))
             })?;
             self.create_admin(&name, &password, source).await?;

@@ -9,19 +9,24 @@ use kcloud_core::private::os_random;
 use kcloud_core::{Error, Result};
 use tokio::sync::Semaphore;
 
-/// Password policy, in bytes of UTF-8.
-pub const MIN_PASSWORD_BYTES: usize = 12;
-pub const MAX_PASSWORD_BYTES: usize = 1024;
+/// Password policy, in characters (Unicode scalar values, as JSON Schema's
+/// `minLength`/`maxLength` count them in the API document).
+pub const MIN_PASSWORD_CHARS: usize = 12;
+pub const MAX_PASSWORD_CHARS: usize = 1024;
+/// The most bytes a password within the policy can take (4 per character): longer
+/// input is refused before it reaches argon2.
+pub const MAX_PASSWORD_BYTES: usize = 4 * MAX_PASSWORD_CHARS;
 pub(crate) const GENERATED_PASSWORD_LEN: usize = 24;
 pub(crate) const DUMMY_PASSWORD: &str = "kcloud-timing-equaliser-not-a-password";
 
-/// Checks the password policy (12–1024 bytes).
+/// Checks the password policy (12–1024 characters).
 pub fn validate_password(password: &str) -> Result<()> {
-    if (MIN_PASSWORD_BYTES..=MAX_PASSWORD_BYTES).contains(&password.len()) {
+    let chars = password.chars().take(MAX_PASSWORD_CHARS + 1).count();
+    if (MIN_PASSWORD_CHARS..=MAX_PASSWORD_CHARS).contains(&chars) {
         Ok(())
     } else {
         Err(Error::BadRequest(format!(
-            "password must be {MIN_PASSWORD_BYTES} to {MAX_PASSWORD_BYTES} bytes long"
+            "password must be {MIN_PASSWORD_CHARS} to {MAX_PASSWORD_CHARS} characters long"
         )))
     }
 }

@@ -57,12 +57,15 @@ pub struct CreateServer {
     /// DNS-1123 label, unique per user.
     pub name: String,
     pub preset: Option<String>,
-    #[schema(value_type = Object)]
+    /// CPUs (`2`, `0.5`) or a quantity (`"2"`, `"500m"`).
+    #[schema(value_type = Option<Object>)]
     pub cpu: Option<Quantity>,
-    #[schema(value_type = Object)]
+    /// Bytes or a quantity (`"512Mi"`, `"8Gi"`).
+    #[schema(value_type = Option<Object>)]
     pub memory: Option<Quantity>,
     /// `GPU-...` / `MIG-...` UUIDs, all on one node.
     pub devices: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "kcloud_core::schema::optional_object")]
     pub gpu_request: Option<GpuRequest>,
     /// The IDE profile (`GET /api/v1/profiles`): `jupyterlab` (default), `code-server`,
     /// `custom` (the default when `command` is given), or one from config.
@@ -84,6 +87,7 @@ pub struct CreateServer {
     /// with `status: "queued"`, the place in the queue and the estimated start; the
     /// server starts by itself when its devices free up (see `GET /api/v1/queue`).
     /// A request that can never fit is refused at once (400).
+    #[serde(default, deserialize_with = "kcloud_core::schema::optional_object")]
     pub wait: Option<WaitRequest>,
     /// Start on the devices of this reservation of yours (its window must hold now):
     /// all of them, or those `devices` / the `gpu_request` picks among them.
