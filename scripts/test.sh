@@ -108,6 +108,9 @@ cargo deny --log-level error check licenses bans sources
 echo "==> cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+echo "==> hadolint Dockerfile.*"
+hadolint Dockerfile.agent Dockerfile.aggregator
+
 echo "==> layout: crates depend downward, no module circles"
 ./scripts/check-layout.sh
 
