@@ -121,6 +121,12 @@ pub struct Config {
     #[arg(long, env = "KCLOUD_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 
+    /// Send traces (a span per request, with what it called inside) to this
+    /// OpenTelemetry collector over OTLP/HTTP, e.g. `http://otel-collector:4318`.
+    /// Needs a build with the `otel` cargo feature; refused at start without it.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
     /// Local provisioner: how long a deleted server gets between SIGTERM and SIGKILL.
     #[arg(long, env = "KCLOUD_STOP_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub stop_grace: Duration,

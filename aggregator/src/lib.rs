@@ -11,6 +11,8 @@
 pub mod config;
 /// The local shape's in-process agent.
 pub mod embedded_agent;
+/// Logs, and traces to an OpenTelemetry collector (`otel` feature).
+pub mod telemetry;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,22 +1,23 @@
 use clap::Parser;
-use kcloud_aggregator::config::{Config, LogFormat};
+use kcloud_aggregator::config::Config;
+use kcloud_aggregator::telemetry::Telemetry;
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()));
-    match config.log_format {
-        // One JSON object per line, for log collectors (Loki, Elasticsearch).
-        LogFormat::Json => logs.json().init(),
-        LogFormat::Text => logs.init(),
-    }
-    let shutdown = CancellationToken::new();
-    tokio::spawn(signals(shutdown.clone()));
-    kcloud_aggregator::run(config, shutdown).await?;
-    Ok(())
+    // Outside the runtime: the trace exporter's blocking HTTP client must be made and
+    // dropped where blocking is allowed.
+    let telemetry = Telemetry::init(&config)?;
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(async {
+            let shutdown = CancellationToken::new();
+            tokio::spawn(signals(shutdown.clone()));
+            kcloud_aggregator::run(config, shutdown).await
+        });
+    telemetry.shutdown();
+    Ok(result?)
 }
 
 /// SIGTERM (Kubernetes) or Ctrl-C: stop accepting, finish requests, close the database.

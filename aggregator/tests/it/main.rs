@@ -23,5 +23,6 @@ mod sessions;
 mod sso;
 mod storage;
 mod store_auth;
+mod telemetry;
 mod tokens;
 mod usage;

@@ -159,6 +159,14 @@ impl AggregatorProcess {
         out
     }
 
+    /// Its output once it has exited by itself (`None` while it runs).
+    pub fn exited_output(&mut self) -> Option<String> {
+        self.child.as_mut()?.try_wait().ok()??;
+        let out = self.output();
+        self.child = None;
+        Some(out)
+    }
+
     /// SIGTERM, then waits up to 10 s for the exit: its status and output.
     pub fn sigterm(&mut self) -> (ExitStatus, String) {
         let pid = self.pid().expect("running");
