@@ -11,6 +11,10 @@
 #            (`admin.localhost`, the server's cookie a browser gets), through
 #            configurable-http-proxy; rounds alternate the four; medians of rounds for
 #            req/s and for wrk's p99 (--latency), ratios to direct.
+#   browser  the same round trip from a page in headless Chromium (playwright-core,
+#            tests/browser/kernel-rtt.mjs): direct / kcloud on the user's origin (the
+#            server's cookie, as the portal's Open gives it) / chp; a browser sets no
+#            TCP_QUICKACK, so this is what users feel.
 #   download a DOWNLOAD_MIB (1024) file through kcloud, the aggregator's VmHWM before
 #            and after (and the same file directly, for the rate).
 #   kernel   examples/bench_kernel.rs: execute_request `1+1` round trips on a websocket
@@ -22,7 +26,8 @@
 #
 # Usage: scripts/bench-proxy.sh    (about 5 minutes)
 #   env: ROUNDS=5 DURATION=5 CONNS=8 KERNEL_N=100 CREATE_N=10 DOWNLOAD_MIB=1024
-#        PARTS="http download kernel create" PORT=18951 SKIP_BUILD=1
+#        PARTS="http download kernel browser create" PORT=18951 SKIP_BUILD=1
+#        (CONNS=1 gives the one-connection figures)
 # Needs: cargo, curl, python3, wrk (apt-get install wrk), jupyter-lab (pip install
 # jupyterlab), node + npm (configurable-http-proxy is installed into a cache dir with
 # npm when missing: CHP_DIR, default ~/.cache/kcloud-bench/chp).
@@ -36,7 +41,7 @@ KERNEL_N=${KERNEL_N:-100}
 CREATE_N=${CREATE_N:-10}
 DOWNLOAD_MIB=${DOWNLOAD_MIB:-1024}
 PORT=${PORT:-18951}
-PARTS=${PARTS:-http download kernel create}
+PARTS=${PARTS:-http download kernel browser create}
 for v in ROUNDS DURATION CONNS KERNEL_N CREATE_N DOWNLOAD_MIB PORT; do
   [[ ${!v} =~ ^[0-9]+$ && ${!v} -gt 0 ]] || { echo "bench: $v must be a positive integer" >&2; exit 2; }
 done
@@ -60,7 +65,7 @@ fi
 
 CHP_DIR=${CHP_DIR:-$HOME/.cache/kcloud-bench/chp}
 CHP=$CHP_DIR/node_modules/.bin/configurable-http-proxy
-if want http || want kernel; then
+if want http || want kernel || want browser; then
   if [[ ! -x $CHP ]]; then
     command -v npm >/dev/null || die "npm is needed for configurable-http-proxy"
     log "installing configurable-http-proxy into $CHP_DIR"
@@ -91,10 +96,12 @@ for p in "$PORT" "$CHP_PORT" "$((PORT + 2))"; do
 done
 
 umask 077
+# --isolation none: the benchmark reaches JupyterLab directly on 127.0.0.1 too (a
+# sandboxed server listens in its own network namespace); the proxy's path is the same.
 PASSWORD=$(python3 -c 'import secrets; print(secrets.token_urlsafe(18))')
 KCLOUD_BOOTSTRAP_ADMIN_PASSWORD=$PASSWORD RUST_LOG=warn \
   "$BIN" --listen "127.0.0.1:$PORT" --data-dir "$TMP/data" --simulate dgx-a100-mig \
-  --access-ttl 1h >"$TMP/server.log" 2>&1 &
+  --access-ttl 1h --isolation none >"$TMP/server.log" 2>&1 &
 SERVER_PID=$!
 PIDS+=("$SERVER_PID")
 for ((i = 0; i < 100; i++)); do
@@ -141,7 +148,11 @@ headers_of() {
     origin) echo "$ORIGIN_HEADERS" ;;
   esac
 }
-if want http || want download || want kernel; then
+if want browser && [[ ! -d tests/browser/node_modules/playwright-core ]]; then
+  (cd tests/browser && npm ci --no-audit --no-fund --silent)
+fi
+
+if want http || want download || want kernel || want browser; then
   log "creating JupyterLab server admin/bench through the API"
   curl -sf -H "authorization: $BEARER" -H 'content-type: application/json' \
     -d '{"name":"bench"}' "$SERVERS" >/dev/null || die "could not create the server"
@@ -174,7 +185,7 @@ EOF
   [[ $SRV_COOKIE == kcloud_srv_bench=* ]] || die "no server cookie from $OPEN_URL"
   ORIGIN_HEADERS="Cookie: $SRV_COOKIE"$'\n'"Host: $ORIGIN_HOST"
 
-  if want http || want kernel; then
+  if want http || want kernel || want browser; then
     log "starting configurable-http-proxy on $CHP_PORT -> JupyterLab on $JP"
     CONFIGPROXY_AUTH_TOKEN=$(python3 -c 'import secrets; print(secrets.token_hex(16))') \
       "$CHP" --ip 127.0.0.1 --port "$CHP_PORT" --api-ip 127.0.0.1 --api-port "$((PORT + 2))" \
@@ -262,11 +273,16 @@ EOF
   done
 fi
 
-if want kernel; then
-  log "kernel round trips"
+KID=''
+new_kernel() {
   KID=$(curl -sf -H "authorization: $JAUTH" -H 'content-type: application/json' -d '{}' \
     "$DIRECT/api/kernels" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])') ||
     die "could not start a kernel"
+}
+
+if want kernel; then
+  log "kernel round trips"
+  new_kernel
   ch=/api/kernels/$KID/channels
   TABLE=$("$KBIN" --n "$KERNEL_N" --warmup 5 --rounds 3 --quickack both \
     --target "direct=ws://127.0.0.1:$JP$PREFIX$ch" --auth "direct=$JAUTH" \
@@ -283,6 +299,56 @@ Command: \`scripts/bench-proxy.sh\` (\`PARTS=kernel\`), client
 fresh websocket with 5 untimed then $KERNEL_N timed executions one at a time, timed from
 send to both \`execute_result\` and \`execute_reply\`; the client sets TCP_NODELAY, and
 TCP_QUICKACK after every read where marked. $CPUS CPUs, $TODAY.
+
+$TABLE
+EOF
+fi
+
+if want browser; then
+  log "kernel round trips from headless Chromium"
+  new_kernel
+  ch=/api/kernels/$KID/channels
+  TARGETS=$(python3 - "$DIRECT" "$CHPURL" "http://$ORIGIN_HOST$PREFIX" "$ch" "$JTOKEN" \
+    "${SRV_COOKIE%%=*}" "${SRV_COOKIE#*=}" <<'EOF'
+import json, sys
+direct, chp, origin, ch, token, cname, cvalue = sys.argv[1:]
+ws = lambda http: "ws" + http.removeprefix("http")
+print(json.dumps([
+    {"name": "direct", "page": f"{direct}/api/status?token={token}", "ws": f"{ws(direct)}{ch}?token={token}"},
+    {"name": "kcloud", "page": f"{origin}/api/status", "ws": f"{ws(origin)}{ch}",
+     "cookies": [{"name": cname, "value": cvalue, "url": origin.split("/user/")[0]}]},
+    {"name": "chp", "page": f"{chp}/api/status?token={token}", "ws": f"{ws(chp)}{ch}?token={token}"},
+]))
+EOF
+  )
+  LINES=$(cd tests/browser && TARGETS=$TARGETS N=$KERNEL_N ROUNDS=3 node kernel-rtt.mjs) ||
+    die "the browser round trips failed"
+  TABLE=$(python3 -c '
+import json, statistics, sys
+rows = [json.loads(l) for l in sys.stdin if l.strip()]
+print("| path | per round: median / p99 (ms) | all rounds: median | p99 |")
+print("|---|---|---|---|")
+def p99(a):
+    a = sorted(a)
+    return a[min(len(a) - 1, int(len(a) * 0.99))]
+for name in dict.fromkeys(r["name"] for r in rows):
+    mine = [r["ms"] for r in rows if r["name"] == name]
+    per = ", ".join(f"{statistics.median(m):.2f} / {p99(m):.2f}" for m in mine)
+    every = [x for m in mine for x in m]
+    print(f"| {name} | {per} | {statistics.median(every):.2f} ms | {p99(every):.2f} ms |")
+    print(f"RESULT browser {name} {statistics.median(every):.3f} {p99(every):.3f}", file=sys.stderr)
+' <<<"$LINES")
+  cat <<EOF
+
+## Kernel round trip from a browser: headless Chromium, \`execute_request\` \`1+1\`
+
+Command: \`scripts/bench-proxy.sh\` (\`PARTS=browser\`), \`tests/browser/kernel-rtt.mjs\`:
+Chromium $(chromium --version 2>/dev/null | awk '{print $2}') headless (playwright-core), a
+page on each path's origin opens the kernel's websocket (direct and chp with JupyterLab's
+token in the URL, kcloud on \`admin.localhost\` with the server's cookie as the portal's
+Open sets it), 3 rounds alternating the paths, each a fresh context with 5 untimed then
+$KERNEL_N timed executions one at a time, from send to both \`execute_result\` and
+\`execute_reply\` (performance.now()). $CPUS CPUs, $TODAY.
 
 $TABLE
 EOF
