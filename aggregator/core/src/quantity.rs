@@ -40,6 +40,10 @@ pub fn cpu_millis(q: &Quantity) -> Result<u64> {
     Ok(whole as u64)
 }
 
+/// The memory a server may ask for: 64 MiB to 1 PiB.
+pub const MEMORY_MIN: u64 = 64 << 20;
+pub const MEMORY_MAX: u64 = 1 << 50;
+
 /// Memory in bytes: a number of bytes or a quantity with a suffix (`Ki`, `Mi`, `Gi`,
 /// `Ti` binary; `k`, `M`, `G`, `T` decimal); 64 MiB to 1 PiB.
 pub fn memory_bytes(q: &Quantity) -> Result<u64> {
@@ -70,7 +74,7 @@ pub fn memory_bytes(q: &Quantity) -> Result<u64> {
             num.parse::<f64>().map_err(|_| err())? * factor
         }
     };
-    if !bytes.is_finite() || !((64u64 << 20) as f64..=(1u64 << 50) as f64).contains(&bytes) {
+    if !bytes.is_finite() || !(MEMORY_MIN as f64..=MEMORY_MAX as f64).contains(&bytes) {
         return Err(err());
     }
     Ok(bytes.round() as u64)

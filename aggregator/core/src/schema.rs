@@ -1,7 +1,9 @@
-//! JSON Schemas of the values whose rules are more than a type (quantities, sizes),
-//! for the OpenAPI document: the parsers' limits written as patterns and bounds, so a
-//! client generated from the document refuses what the server would refuse. Tests
-//! check each pattern against its parser.
+//! JSON Schemas of the values whose rules are more than a type (names, quantities,
+//! sizes, durations, file paths, free text), for the OpenAPI document: the parsers'
+//! limits written as patterns and bounds, so that a client generated from the document
+//! refuses what the server would refuse. Tests hold each pattern to its parser. And
+//! the one shape rule serde's derive does not keep: nested request objects are
+//! objects ([`object`]).
 
 use serde::de::{DeserializeOwned, Error as _};
 use serde::{Deserialize, Deserializer};
@@ -21,9 +23,7 @@ const SUFFIXES: [(&str, u64); 8] = [
     ("Ti", 1 << 40),
 ];
 
-/// Memory limits of [`crate::quantity::memory_bytes`].
-pub const MEMORY_MIN: u64 = 64 << 20;
-pub const MEMORY_MAX: u64 = 1 << 50;
+use crate::quantity::{MEMORY_MAX, MEMORY_MIN};
 
 /// A DNS-1123 label (user, group, server and volume names).
 pub fn dns_label() -> Value {
