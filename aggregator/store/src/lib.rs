@@ -3,7 +3,9 @@
 //! volumes, reservations, the wait queue and the usage ledger — in the data dir.
 //!
 //! One connection behind a mutex; every async call runs on the blocking pool. WAL with
-//! `synchronous=FULL`, so a write is on disk before the call returns.
+//! `synchronous=FULL`, so a write is on disk before the call returns. The one read on
+//! every authenticated request (is this session still live?) is answered from memory
+//! while nothing has been written since it was read ([`Inner::changes`]).
 
 mod audit;
 mod groups;
@@ -20,14 +22,17 @@ mod volumes;
 #[cfg(test)]
 mod tests;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rusqlite::{Connection, Row};
 use serde::Serialize;
 
+use kcloud_core::user::UserRecord;
 use kcloud_core::{Error, now_ms};
 
 pub use migrations::SCHEMA_VERSION;
@@ -71,6 +76,42 @@ pub struct Store {
 struct Inner {
     path: PathBuf,
     conn: Mutex<Option<Connection>>,
+    /// The connection's `total_changes` after the last call, stored before the call
+    /// gives up the connection: it moves with every row any write changes, and this
+    /// process's connection is the database's only writer.
+    changes: AtomicU64,
+    /// Sessions found live, each with the `changes` it was read at: good only while
+    /// `changes` has not moved since, so a revocation, a disabled or deleted user or
+    /// a role change (writes all) is seen by the next request as if read again.
+    live_sessions: Mutex<HashMap<(String, String), (u64, UserRecord)>>,
+}
+
+/// More remembered sessions than this and the memory starts over.
+const LIVE_SESSIONS_MAX: usize = 4096;
+
+impl Inner {
+    /// A session read live with nothing written since.
+    fn live_session(&self, key: &(String, String)) -> Option<UserRecord> {
+        let mut live = self.live_sessions.lock().unwrap_or_else(|p| p.into_inner());
+        match live.get(key) {
+            Some((at, user)) if *at == self.changes.load(Ordering::Acquire) => Some(user.clone()),
+            Some(_) => {
+                live.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Remembers a session read live while `changes` was `at` (under the connection's
+    /// lock, so no write came between the read and `at`).
+    fn remember_session(&self, key: (String, String), at: u64, user: UserRecord) {
+        let mut live = self.live_sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if live.len() >= LIVE_SESSIONS_MAX {
+            live.clear();
+        }
+        live.insert(key, (at, user));
+    }
 }
 
 impl fmt::Debug for Store {
@@ -127,10 +168,15 @@ impl Store {
 
         migrate(&mut conn, &shown)?;
 
+        // Every statement the store runs stays prepared (rusqlite keeps 16 by default,
+        // fewer than the store has: the rest were parsed again on each use).
+        conn.set_prepared_statement_cache_capacity(256);
         Ok(Store {
             inner: Arc::new(Inner {
                 path: path.to_owned(),
+                changes: AtomicU64::new(conn.total_changes()),
                 conn: Mutex::new(Some(conn)),
+                live_sessions: Mutex::default(),
             }),
         })
     }
@@ -154,7 +200,9 @@ impl Store {
             let conn = guard
                 .as_mut()
                 .ok_or_else(|| Error::Store("database is closed".into()))?;
-            f(conn)
+            let result = f(conn);
+            inner.changes.store(conn.total_changes(), Ordering::Release);
+            result
         })
         .await
         .map_err(|e| Error::Internal(format!("database task failed: {e}")))?
@@ -167,6 +215,11 @@ impl Store {
         let inner = Arc::clone(&self.inner);
         tokio::task::spawn_blocking(move || -> Result<()> {
             let conn = inner.conn.lock().unwrap_or_else(|p| p.into_inner()).take();
+            inner
+                .live_sessions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
             let Some(conn) = conn else {
                 return Ok(());
             };

@@ -1,5 +1,7 @@
 //! Refresh tokens in rotation families.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use rusqlite::{OptionalExtension, Transaction, TransactionBehavior, params};
 
@@ -21,15 +23,23 @@ impl SessionRepo for Store {
         name: &str,
         family: &str,
     ) -> kcloud_core::Result<Option<UserRecord>> {
-        let (name, family) = (name.to_owned(), family.to_owned());
+        let key = (name.to_owned(), family.to_owned());
+        if let Some(user) = self.inner.live_session(&key) {
+            return Ok(Some(user));
+        }
+        let inner = Arc::clone(&self.inner);
         self.call(move |conn| {
             let mut stmt = conn.prepare_cached(&format!(
                 "{USER_SELECT} WHERE name = ?1 AND EXISTS (SELECT 1 FROM refresh_families f
                  WHERE f.id = ?2 AND f.user_name = ?1 AND f.revoked_at_ms IS NULL)"
             ))?;
-            Ok(stmt
-                .query_row(params![name, family], user_from_row)
-                .optional()?)
+            let found = stmt
+                .query_row(params![key.0, key.1], user_from_row)
+                .optional()?;
+            if let Some(user) = &found {
+                inner.remember_session(key, conn.total_changes(), user.clone());
+            }
+            Ok(found)
         })
         .await
     }

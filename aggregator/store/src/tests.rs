@@ -907,3 +907,100 @@ async fn efficiency_adds_up_per_user_within_the_window() {
     assert_eq!(only_a[0].1.reclaimed_servers, 3);
     assert!(store.efficiency(11, 12, None).await.unwrap().is_empty());
 }
+
+/// `session_user` answers from memory only while nothing was written since it read:
+/// each kind of write that ends or changes a session is seen by the very next call.
+#[tokio::test]
+async fn remembered_sessions_follow_every_write() {
+    let (_dir, store) = open_temp();
+    for (name, role) in [
+        ("root", Role::Admin),
+        ("alice", Role::User),
+        ("bob", Role::User),
+    ] {
+        store.create_user(new_user(name, role)).await.unwrap();
+    }
+    let live = |name: &'static str, family: &'static str| {
+        let store = store.clone();
+        async move { store.session_user(name, family).await.unwrap() }
+    };
+    let patch = |role, disabled| UserPatch {
+        role,
+        disabled,
+        ..UserPatch::default()
+    };
+    for (id, fam, user) in [
+        ("a1", "fa", "alice"),
+        ("a2", "fb", "alice"),
+        ("b1", "fx", "bob"),
+    ] {
+        store
+            .insert_refresh(refresh(id, fam, user, 10_000))
+            .await
+            .unwrap();
+    }
+    // Remembered, and unchanged by an unrelated write (read again, still live).
+    assert!(live("alice", "fa").await.is_some());
+    assert!(live("alice", "fa").await.is_some());
+    store
+        .audit(AuditEntry {
+            at_ms: 1,
+            actor: "system".into(),
+            action: "test".into(),
+            target: String::new(),
+            client: String::new(),
+            detail: String::new(),
+        })
+        .await
+        .unwrap();
+    assert!(live("alice", "fa").await.is_some());
+    // The wrong user for a family is never live, remembered or not.
+    assert!(live("bob", "fa").await.is_none());
+
+    // A revoked family: at once.
+    store.revoke_family("fa").await.unwrap();
+    assert!(live("alice", "fa").await.is_none());
+    assert!(live("alice", "fb").await.is_some());
+
+    // A role change ends the session; another change to the user shows at once.
+    assert!(live("bob", "fx").await.is_some());
+    let quota = Quota {
+        gpus: Some(3),
+        ..Quota::default()
+    };
+    store
+        .update_user(
+            "bob",
+            UserPatch {
+                quota: Some(quota),
+                ..UserPatch::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        live("bob", "fx").await.and_then(|u| u.user.quota.gpus),
+        Some(3)
+    );
+    store
+        .update_user("bob", patch(Some(Role::Admin), None))
+        .await
+        .unwrap();
+    assert!(live("bob", "fx").await.is_none());
+    store
+        .insert_refresh(refresh("b2", "fy", "bob", 10_000))
+        .await
+        .unwrap();
+    assert!(live("bob", "fy").await.is_some());
+
+    // Disabling revokes; so does deleting.
+    assert!(live("alice", "fb").await.is_some());
+    store
+        .update_user("alice", patch(None, Some(true)))
+        .await
+        .unwrap();
+    assert!(live("alice", "fb").await.is_none());
+    assert!(live("bob", "fy").await.is_some());
+    assert!(store.delete_user("bob").await.unwrap());
+    assert!(live("bob", "fy").await.is_none());
+}
