@@ -29,7 +29,6 @@
 //! (browsers) the proxy refuses writes and websocket handshakes whose `Origin` is not
 //! the owner's origin.
 
-mod socket;
 #[cfg(test)]
 mod tests;
 mod websocket;

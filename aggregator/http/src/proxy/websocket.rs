@@ -18,9 +18,9 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use kcloud_core::server::Upstream;
 use kcloud_core::{Error, now_ms};
 
-use super::socket::QuickAck;
 use super::{forwarded_cookies, upstream_path};
 use crate::AppState;
+use kcloud_provision::upstream::QuickAck;
 
 /// How long one side of a websocket may take to finish closing after the other did.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
