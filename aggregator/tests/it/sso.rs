@@ -66,6 +66,12 @@ fn workspace() -> PathBuf {
 async fn single_sign_on_in_chromium_with_groups_and_entitlements() {
     let node = require_tool("node");
     let chromium = require_tool("chromium");
+    assert!(
+        workspace()
+            .join("tests/browser/node_modules/playwright-core")
+            .is_dir(),
+        "playwright-core missing: run `npm ci` in tests/browser (scripts/test.sh does)"
+    );
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let agg = AggregatorProcess::new(env!("CARGO_BIN_EXE_kcloud-aggregator"), &data);
