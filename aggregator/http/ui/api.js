@@ -211,9 +211,13 @@ export class Live extends EventTarget {
     return [...new Set((this.summary?.classes || []).filter((c) => c.profile).map((c) => c.profile))].sort();
   }
 
+  // A change already scheduled for the next frame is dropped: pages listening to a
+  // stopped store are gone, or about to be.
   stop() {
     this.closed = true;
     if (this.source) this.source.close();
+    if (this.frame) cancelAnimationFrame(this.frame);
+    this.frame = 0;
   }
 
   status(text) {
@@ -243,6 +247,7 @@ export class Live extends EventTarget {
     if (this.frame) return;
     this.frame = requestAnimationFrame(() => {
       this.frame = 0;
+      if (this.closed) return;
       const detail = this.pending;
       this.pending = { nodes: new Set(), servers: false, rows: false, summary: false, reset: false };
       this.dispatchEvent(new CustomEvent('change', { detail }));

@@ -135,7 +135,7 @@ export async function reservationsPage(ctx) {
   };
   node.addEventListener('change', drawTimeline);
   const onChange = (e) => {
-    if (!page.isConnected) { ctx.live.removeEventListener('change', onChange); return; }
+    if (!page.isConnected) { e.currentTarget.removeEventListener('change', onChange); return; }
     if (dragging) return;
     const first = e.detail.nodes.has(node.value) && !timeline.querySelector('.lane[data-uuid]');
     if (e.detail.servers || e.detail.reset || first) drawTimeline();

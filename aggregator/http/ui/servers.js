@@ -338,7 +338,7 @@ export function serverList(ctx, filter, showOwner) {
     }
   };
   const onChange = (e) => {
-    if (!box.isConnected) { ctx.live.removeEventListener('change', onChange); return; }
+    if (!box.isConnected) { e.currentTarget.removeEventListener('change', onChange); return; }
     if (e.detail.servers || e.detail.reset) render();
     else if (e.detail.nodes.size) drawCharts();
   };
