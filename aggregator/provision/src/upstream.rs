@@ -90,17 +90,16 @@ impl tokio::io::AsyncWrite for QuickAck {
     }
 }
 
-/// hyper's connector to servers: its HTTP connector, the stream wrapped in [`QuickAck`].
+/// hyper's connector to servers: its HTTP connector, the stream wrapped in [`QuickAck`]
+/// (hyper-util's `TokioIo` adapts any tokio stream that is a [`Connection`]).
 #[derive(Clone)]
 pub struct Connector(HttpConnector);
 
-/// A pooled connection to a server, as hyper drives it.
-pub struct UpstreamIo(TokioIo<QuickAck>);
-
 impl tower_service::Service<Uri> for Connector {
-    type Response = UpstreamIo;
+    type Response = TokioIo<QuickAck>;
     type Error = <HttpConnector as tower_service::Service<Uri>>::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<UpstreamIo, Self::Error>> + Send + 'static>>;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.0.poll_ready(cx)
@@ -110,53 +109,13 @@ impl tower_service::Service<Uri> for Connector {
         let connecting = self.0.call(dst);
         Box::pin(async move {
             let tcp = connecting.await?.into_inner();
-            Ok(UpstreamIo(TokioIo::new(QuickAck(tcp))))
+            Ok(TokioIo::new(QuickAck(tcp)))
         })
     }
 }
 
-impl Connection for UpstreamIo {
+impl Connection for QuickAck {
     fn connected(&self) -> Connected {
-        Connected::new()
-    }
-}
-
-impl hyper::rt::Read for UpstreamIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl hyper::rt::Write for UpstreamIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+        self.0.connected()
     }
 }
