@@ -18,7 +18,8 @@ async fn start(data: &std::path::Path, envs: &[(&str, &str)]) -> AggregatorProce
     p.start().await
 }
 
-async fn login(base: &str, user: &str, password: &str) -> reqwest::Response {
+/// `POST /api/v1/auth/login` to an aggregator process; the answer as it comes.
+pub(crate) async fn login(base: &str, user: &str, password: &str) -> reqwest::Response {
     reqwest::Client::new()
         .post(format!("{base}/api/v1/auth/login"))
         .json(&json!({"username": user, "password": password}))

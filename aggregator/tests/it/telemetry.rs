@@ -63,12 +63,8 @@ async fn request_spans_reach_the_collector() {
         .start()
         .await;
     let http = reqwest::Client::new();
-    let session: serde_json::Value = http
-        .post(format!("{}/api/v1/auth/login", agg.base()))
-        .json(&serde_json::json!({"name": "admin", "password": password}))
-        .send()
+    let session: serde_json::Value = crate::process::login(&agg.base(), "admin", password)
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
