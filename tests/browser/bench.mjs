@@ -11,7 +11,7 @@
 //    node's MIG layout, so lines and the summary change too) while the list is
 //    scrolled and filtered: frame intervals (requestAnimationFrame), long tasks, and
 //    the tab's JS heap after a collection; then opening one node from the list.
-import { chromium } from 'playwright-core';
+import { launchChromium } from './chromium.mjs';
 
 const base = process.env.KCLOUD_URL;
 const admin = { username: process.env.KCLOUD_ADMIN_USER, password: process.env.KCLOUD_ADMIN_PASSWORD };
@@ -21,11 +21,7 @@ const NODES = Number(process.env.NODES || 10000);
 const PUSH_RATE = Number(process.env.PUSH_RATE || 1000);
 const PUSH_SECS = Number(process.env.PUSH_SECS || 10);
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
-    '--disable-component-update', '--disable-sync', '--no-first-run'],
-});
+const browser = await launchChromium();
 const median = (a) => [...a].sort((x, y) => x - y)[Math.floor(a.length / 2)];
 const pct = (a, p) => [...a].sort((x, y) => x - y)[Math.min(a.length - 1, Math.floor(a.length * p))];
 

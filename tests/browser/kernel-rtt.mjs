@@ -6,18 +6,14 @@
 // env: TARGETS: JSON [{name, page, ws, cookies?: [{name, value, url}]}]; N timed
 // executions after WARMUP per round; ROUNDS rounds alternating the targets.
 // Prints one JSON line per target and round: {name, round, ms: [...]}.
-import { chromium } from 'playwright-core';
+import { launchChromium } from './chromium.mjs';
 
 const targets = JSON.parse(process.env.TARGETS);
 const N = Number(process.env.N || 100);
 const WARMUP = Number(process.env.WARMUP || 5);
 const ROUNDS = Number(process.env.ROUNDS || 3);
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
-    '--disable-component-update', '--disable-sync', '--no-first-run'],
-});
+const browser = await launchChromium();
 try {
   for (let round = 1; round <= ROUNDS; round++) {
     for (const t of targets) {

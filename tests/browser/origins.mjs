@@ -8,7 +8,7 @@
 // Environment: KCLOUD_URL, KCLOUD_ADMIN_USER, KCLOUD_ADMIN_PASSWORD,
 // KCLOUD_MALLORY_PASSWORD, SCREENSHOTS. Prints one line `RESULT <json>` per visitor and
 // `ORIGINS OK`; exits non-zero, with the reason, on the first failed step.
-import { chromium } from 'playwright-core';
+import { launchChromium } from './chromium.mjs';
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 
@@ -23,11 +23,7 @@ function check(cond, msg) {
   if (!cond) throw new Error(`check failed: ${msg}`);
 }
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
-    '--disable-component-update', '--disable-sync', '--no-first-run'],
-});
+const browser = await launchChromium();
 
 // Signs `user` in to the portal in a fresh browser; opens the server `evil` from the
 // page at `hash` with `open` (a click); returns what the attack page recorded.

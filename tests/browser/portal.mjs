@@ -4,7 +4,7 @@
 //
 // Environment: KCLOUD_URL, KCLOUD_ADMIN_USER, KCLOUD_ADMIN_PASSWORD, SCREENSHOTS (a
 // folder). Exits non-zero, with the reason, on the first failed step.
-import { chromium } from 'playwright-core';
+import { launchChromium } from './chromium.mjs';
 import AxeBuilder from '@axe-core/playwright';
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
@@ -42,11 +42,7 @@ async function a11y(name) {
   }
 }
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
-    '--disable-component-update', '--disable-sync', '--no-first-run'],
-});
+const browser = await launchChromium();
 const context = await browser.newContext({ viewport: { width: 1366, height: 800 } });
 page = await context.newPage();
 const consoleErrors = [];

@@ -4,7 +4,7 @@
 //
 // Environment: KCLOUD_URL, CHROMIUM, SCREENSHOTS, SSO_NAME (the button's provider
 // name). Users: dana (provider groups vision-lab, kcloud-admins), eli (nlp-lab).
-import { chromium } from 'playwright-core';
+import { launchChromium } from './chromium.mjs';
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 
@@ -22,10 +22,7 @@ function check(cond, msg) {
   if (!cond) throw new Error(`check failed: ${msg}`);
 }
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-  args: ['--headless', '--no-sandbox', '--disable-gpu', '--no-first-run'],
-});
+const browser = await launchChromium();
 page = await (await browser.newContext()).newPage();
 
 async function signInWithSso(user, password) {
